@@ -1,0 +1,19 @@
+"""Codes and per-row statistics shared by the Triton and torch backends (no triton import here).
+
+The forward of every backend returns ``stats``, a float32 ``(N, NUM_STATS)`` tensor: the few numbers
+per row that the backward needs (and that a vocabulary-parallel version would all-reduce between
+passes). Columns:
+
+- ``LSE_Z``, ``LSE_T``: log-sum-exp of ``z / T`` and ``t / T``
+- ``MASS_P``, ``MASS_Q``: ``P = sum_m p``, ``Q = sum_m q`` (1 when nothing is masked)
+- ``FKL``, ``RKL``: the row's forward and reverse KL (when the divergence needs them)
+- ``TODI_S``: ToDi's ``S_a - S_b``
+- ``R_HEAD``, ``R_TAIL``: AKL weights
+- ``AKL_BELOW``: AKL scratch, teacher mass strictly below the cut's key
+- ``LSE_CE``, ``CE``: log-sum-exp of the raw ``z`` and the cross-entropy, for the hard-label term
+"""
+
+DIVERGENCE_CODES = {"fkl": 0, "rkl": 1, "akl": 2, "todi": 3}
+
+(LSE_Z, LSE_T, MASS_P, MASS_Q, FKL, RKL, TODI_S, R_HEAD, R_TAIL, AKL_BELOW, LSE_CE, CE) = range(12)
+NUM_STATS = 12

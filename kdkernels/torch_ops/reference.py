@@ -1,0 +1,127 @@
+"""Plain PyTorch reference of every kdkernels loss (SPEC §2-3): the test oracle and the eager baseline.
+
+It writes the formulas directly on ``(N, V)`` tensors and lets autograd take the gradient, so it
+materialises several full-size tensors; no other path may. It computes in float64 when either input is
+float64 and in float32 otherwise (bfloat16/float16 inputs are upcast on entry).
+
+Per row, with ``q = softmax(z / T)`` (student), ``p = softmax(t / T)`` (teacher, the target),
+``lq = log q``, ``lp = log p`` and the inf mask ``m`` (0 where ``z`` or ``t`` is ``-inf``):
+
+- ``fkl``:  ``F = sum_m p (lp - lq)``
+- ``rkl``:  ``R = sum_m q (lq - lp)``
+- ``akl``:  ``r_h F + r_t R`` with the head/tail weights of :func:`akl_weights` (constants)
+- ``todi``: ``sum_m [w p (lp - lq) + c q (lq - lp)]``, ``w = sigmoid(b (lp - lq))``,
+  ``c = sigmoid(b (lq - lp))`` (constants)
+
+The loss is not multiplied by ``T**2``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+DIVERGENCES = ("fkl", "rkl", "akl", "todi")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 if any input is float64, else float32."""
+    return torch.float64 if any(x.dtype == torch.float64 for x in tensors) else torch.float32
+
+
+def akl_weights(p: torch.Tensor, q: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """AKL head/tail weights ``(r_h, r_t)``, each ``(N,)``, from probabilities ``p``, ``q`` of shape ``(N, V)``.
+
+    Entries are ordered by ``p`` ascending with ties in index order (a stable sort); an entry is in the
+    tail when the inclusive cumulative sum of ``p`` in that order is ``<= alpha``, else in the head.
+    ``r_h = g_head / (g_head + g_tail)`` with ``g = sum |p - q|`` over each part; 0.5/0.5 when both are 0.
+    """
+    with torch.no_grad():
+        order = torch.sort(p, dim=-1, stable=True).indices
+        tail_sorted = torch.cumsum(torch.gather(p, -1, order), dim=-1) <= alpha
+        tail = torch.zeros_like(tail_sorted).scatter(-1, order, tail_sorted)
+        gap = (p - q).abs()
+        g_tail = torch.where(tail, gap, 0.0).sum(-1)
+        g_head = torch.where(tail, 0.0, gap).sum(-1)
+        total = g_head + g_tail
+        safe = torch.where(total > 0, total, 1.0)
+        r_h = torch.where(total > 0, g_head / safe, 0.5)
+        r_t = torch.where(total > 0, g_tail / safe, 0.5)
+    return r_h, r_t
+
+
+def divergence_rows(
+    z: torch.Tensor,
+    t: torch.Tensor,
+    divergence: str,
+    temperature: float = 1.0,
+    akl_alpha: float = 0.5,
+    todi_beta: float = 1.0,
+) -> torch.Tensor:
+    """Row divergences ``(N,)`` of student logits ``z`` and teacher logits ``t``, both ``(N, V)``."""
+    dtype = compute_dtype(z, t)
+    lq = torch.log_softmax(z.to(dtype) / temperature, dim=-1)
+    lp = torch.log_softmax(t.to(dtype) / temperature, dim=-1)
+    q, p = lq.exp(), lp.exp()
+    mask = (z != float("-inf")) & (t != float("-inf"))
+    # Masked terms via torch.where on the factors, so autograd never multiplies 0 by inf.
+    d = torch.where(mask, lq, 0.0) - torch.where(mask, lp, 0.0)  # lq - lp, 0 where masked
+    fkl = -(p * d).sum(-1)
+    rkl = (q * d).sum(-1)
+    if divergence == "fkl":
+        return fkl
+    if divergence == "rkl":
+        return rkl
+    if divergence == "akl":
+        r_h, r_t = akl_weights(p, q, akl_alpha)
+        return r_h * fkl + r_t * rkl
+    if divergence == "todi":
+        w = torch.sigmoid(-todi_beta * d).detach()
+        c = torch.sigmoid(todi_beta * d).detach()
+        return (-w * p * d + c * q * d).sum(-1)
+    raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+
+
+def kd_loss_reference(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    divergence: str = "fkl",
+    *,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    akl_alpha: float = 0.5,
+    todi_beta: float = 1.0,
+    kd_weight: float = 1.0,
+    ce_weight: float = 0.0,
+) -> torch.Tensor:
+    """The full loss of SPEC §3 on logits of shape ``(..., V)``, differentiable by autograd.
+
+    ``row = kd_weight * divergence + ce_weight * CE(z, label)`` (CE at temperature 1); rows whose label is
+    ``ignore_index`` count 0. ``"mean"`` divides by the number of kept rows (0 when there are none).
+    """
+    vocab = student_logits.shape[-1]
+    z = student_logits.reshape(-1, vocab)
+    t = teacher_logits.reshape(-1, vocab)
+    rows = kd_weight * divergence_rows(z, t, divergence, temperature, akl_alpha, todi_beta)
+    if labels is not None:
+        flat = labels.reshape(-1)
+        keep = flat != ignore_index
+        if ce_weight != 0.0:
+            ce = F.cross_entropy(z.to(rows.dtype), flat, ignore_index=ignore_index, reduction="none")
+            rows = rows + ce_weight * ce
+        rows = torch.where(keep, rows, 0.0)
+        count = keep.sum()
+    else:
+        if ce_weight != 0.0:
+            raise ValueError("ce_weight needs labels")
+        count = torch.tensor(rows.shape[0], device=rows.device)
+    if reduction == "none":
+        return rows.reshape(student_logits.shape[:-1])
+    if reduction == "sum":
+        return rows.sum()
+    if reduction == "mean":
+        return rows.sum() / count.clamp(min=1)
+    raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
