@@ -1,0 +1,11 @@
+"""kdkernels: fused knowledge-distillation losses (forward/reverse KL, AKL, ToDi) for LLM training.
+
+``import kdkernels as kd``; see :func:`kd.kd_loss`. Importing has no side effects: the backend is chosen
+per call from the tensors' device, and triton is imported only when the Triton backend first runs.
+"""
+
+from kdkernels.torch_ops.functional import adaptive_kl, forward_kl, kd_loss, reverse_kl, todi
+from kdkernels.torch_ops.modules import KDLoss
+
+__all__ = ["KDLoss", "adaptive_kl", "forward_kl", "kd_loss", "reverse_kl", "todi"]
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Torch side of kdkernels: reference, validation, torch backend, registered ops, functional API, modules."""

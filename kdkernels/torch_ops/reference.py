@@ -30,6 +30,17 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(x.dtype == torch.float64 for x in tensors) else torch.float32
 
 
+def log_probs(x: torch.Tensor, temperature: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log softmax(x / T), softmax(x / T))`` over the last dim, with probability 0 at ``-inf`` entries.
+
+    A row whose entries are all ``-inf`` has no distribution: its probabilities are all 0 (not NaN).
+    """
+    x = x.to(dtype) / temperature
+    dead = (x == float("-inf")).all(dim=-1, keepdim=True)
+    log_p = torch.log_softmax(torch.where(dead, 0.0, x), dim=-1)
+    return log_p, torch.where(x == float("-inf"), 0.0, log_p.exp())
+
+
 def akl_weights(p: torch.Tensor, q: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
     """AKL head/tail weights ``(r_h, r_t)``, each ``(N,)``, from probabilities ``p``, ``q`` of shape ``(N, V)``.
 
@@ -61,9 +72,8 @@ def divergence_rows(
 ) -> torch.Tensor:
     """Row divergences ``(N,)`` of student logits ``z`` and teacher logits ``t``, both ``(N, V)``."""
     dtype = compute_dtype(z, t)
-    lq = torch.log_softmax(z.to(dtype) / temperature, dim=-1)
-    lp = torch.log_softmax(t.to(dtype) / temperature, dim=-1)
-    q, p = lq.exp(), lp.exp()
+    lq, q = log_probs(z, temperature, dtype)
+    lp, p = log_probs(t, temperature, dtype)
     mask = (z != float("-inf")) & (t != float("-inf"))
     # Masked terms via torch.where on the factors, so autograd never multiplies 0 by inf.
     d = torch.where(mask, lq, 0.0) - torch.where(mask, lp, 0.0)  # lq - lp, 0 where masked

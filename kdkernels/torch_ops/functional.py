@@ -1,0 +1,103 @@
+"""The public functional API: ``kd_loss`` and one shortcut per divergence (SPEC §3-4).
+
+Every function takes student and teacher logits of shape ``(..., V)`` and returns a float32 loss
+(a scalar, or the leading shape for ``reduction="none"``). The teacher distribution
+``p = softmax(teacher_logits / T)`` is the target; the loss is not multiplied by ``T**2``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kdkernels.torch_ops import validate
+from kdkernels.torch_ops.op import kd_forward
+from kdkernels.torch_ops.reference import kd_loss_reference
+
+
+def reduce_rows(rows: torch.Tensor, labels: torch.Tensor | None, ignore_index: int, reduction: str,
+                lead_shape: torch.Size) -> torch.Tensor:
+    """Reduce row losses ``(N,)``; ``"mean"`` divides by the kept rows (and gives 0 when there are none)."""
+    if reduction == "none":
+        return rows.reshape(lead_shape)
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    count = rows.shape[0] if labels is None else (labels != ignore_index).sum()
+    if isinstance(count, torch.Tensor):
+        count = count.clamp(min=1)
+    else:
+        count = max(count, 1)
+    return total / count
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    divergence: str = "fkl",
+    *,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    akl_alpha: float = 0.5,
+    todi_beta: float = 1.0,
+    kd_weight: float = 1.0,
+    ce_weight: float = 0.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Distillation loss between student and teacher logits, fused over the vocabulary.
+
+    Args:
+        student_logits: ``(..., V)`` float32/bfloat16/float16 (float64 on the torch/reference backends).
+        teacher_logits: ``(..., V)``, same shape and device, any of those dtypes; must not require grad.
+        divergence: ``"fkl"`` KL(p||q), ``"rkl"`` KL(q||p), ``"akl"`` adaptive KL, ``"todi"`` token-wise.
+        labels: optional ``(...)`` integer tensor; rows equal to ``ignore_index`` count 0 and get no gradient.
+        temperature: divides both logits; no ``T**2`` factor is applied.
+        reduction: ``"mean"`` over kept rows (0 if none), ``"sum"``, or ``"none"`` (float32, shape ``(...)``).
+        akl_alpha: AKL tail mass in (0, 1). todi_beta: ToDi sigmoid slope (> 0).
+        kd_weight, ce_weight: ``row = kd_weight * divergence + ce_weight * CE(student_logits, labels)``,
+            with the cross-entropy at temperature 1 (``ce_weight != 0`` needs labels).
+        backend: ``"auto"`` (Triton on CUDA, torch on CPU), ``"triton"``, ``"torch"`` or ``"reference"``.
+
+    Returns the loss; its gradient w.r.t. ``student_logits`` has the student's dtype.
+
+    Example::
+
+        loss = kd_loss(student(x), teacher(x).detach(), "todi", labels=y, temperature=2.0)
+        loss.backward()
+    """
+    validate.check_pair(student_logits, teacher_logits)
+    validate.check_loss_options(divergence, reduction, temperature, akl_alpha, todi_beta, kd_weight, ce_weight)
+    validate.check_labels(labels, student_logits, ignore_index)
+    validate.check_ce(ce_weight, labels)
+    backend = validate.resolve_backend(backend, student_logits, teacher_logits)
+    options = dict(divergence=divergence, labels=labels, ignore_index=ignore_index, temperature=temperature,
+                   reduction=reduction, akl_alpha=akl_alpha, todi_beta=todi_beta, kd_weight=kd_weight,
+                   ce_weight=ce_weight)
+    if backend == "reference":
+        return kd_loss_reference(student_logits, teacher_logits, **options)
+    vocab = student_logits.shape[-1]
+    z = student_logits.reshape(-1, vocab)
+    t = teacher_logits.reshape(-1, vocab)
+    # The kernels address rows by stride but need the vocabulary contiguous.
+    z = z if z.stride(-1) == 1 else z.contiguous()
+    t = t if t.stride(-1) == 1 else t.contiguous()
+    flat_labels = None if labels is None else labels.reshape(-1).to(torch.int64)
+    rows, _ = kd_forward(z, t, flat_labels, divergence, ignore_index, float(temperature), float(akl_alpha),
+                         float(todi_beta), float(kd_weight), float(ce_weight), backend)
+    return reduce_rows(rows, flat_labels, ignore_index, reduction, student_logits.shape[:-1])
+
+
+def _shortcut(divergence: str):
+    def loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, **kwargs) -> torch.Tensor:
+        return kd_loss(student_logits, teacher_logits, divergence, **kwargs)
+
+    loss.__name__ = {"fkl": "forward_kl", "rkl": "reverse_kl", "akl": "adaptive_kl", "todi": "todi"}[divergence]
+    loss.__doc__ = f"``kd_loss(student_logits, teacher_logits, {divergence!r}, **kwargs)``; same keywords."
+    return loss
+
+
+forward_kl = _shortcut("fkl")
+reverse_kl = _shortcut("rkl")
+adaptive_kl = _shortcut("akl")
+todi = _shortcut("todi")

@@ -1,0 +1,92 @@
+"""The registered ops ``kdkernels::kd_forward`` / ``kdkernels::kd_backward`` and their autograd.
+
+``kd_forward(z, t, labels, ...) -> (row_loss (N,), stats (N, NUM_STATS))`` on ``(N, V)`` logits with unit
+stride over the vocabulary, and ``kd_backward(grad_rows, z, t, labels, stats, ...) -> dz (N, V)``, each
+dispatching to the Triton kernels or the torch backend. Being ``torch.library`` custom ops with fake
+implementations, they trace under ``torch.compile(fullgraph=True)`` without graph breaks. The reduction
+over rows happens outside, in ``functional.py``, so the backward always gets one gradient per row.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kdkernels.torch_ops import layout, torch_backend
+
+
+def _backend_module(backend: str):
+    if backend == "triton":
+        from kdkernels.kernels import launch  # imported on first use: importing kdkernels needs no triton
+
+        return launch
+    return torch_backend
+
+
+def _result_dtype(z: torch.Tensor, t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if torch.float64 in (z.dtype, t.dtype) else torch.float32
+
+
+@torch.library.custom_op("kdkernels::kd_forward", mutates_args=())
+def kd_forward(
+    z: torch.Tensor,
+    t: torch.Tensor,
+    labels: torch.Tensor | None,
+    divergence: str,
+    ignore_index: int,
+    temperature: float,
+    akl_alpha: float,
+    todi_beta: float,
+    kd_weight: float,
+    ce_weight: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _backend_module(backend).kd_forward(
+        z, t, labels, divergence, ignore_index, temperature, akl_alpha, todi_beta, kd_weight, ce_weight
+    )
+
+
+@kd_forward.register_fake
+def _(z, t, labels, divergence, ignore_index, temperature, akl_alpha, todi_beta, kd_weight, ce_weight, backend):
+    dtype = _result_dtype(z, t)
+    return z.new_empty((z.shape[0],), dtype=dtype), z.new_empty((z.shape[0], layout.NUM_STATS), dtype=dtype)
+
+
+@torch.library.custom_op("kdkernels::kd_backward", mutates_args=())
+def kd_backward(
+    grad_rows: torch.Tensor,
+    z: torch.Tensor,
+    t: torch.Tensor,
+    labels: torch.Tensor | None,
+    stats: torch.Tensor,
+    divergence: str,
+    ignore_index: int,
+    temperature: float,
+    todi_beta: float,
+    kd_weight: float,
+    ce_weight: float,
+    backend: str,
+) -> torch.Tensor:
+    return _backend_module(backend).kd_backward(
+        grad_rows, z, t, labels, stats, divergence, ignore_index, temperature, todi_beta, kd_weight, ce_weight
+    )
+
+
+@kd_backward.register_fake
+def _(grad_rows, z, t, labels, stats, divergence, ignore_index, temperature, todi_beta, kd_weight, ce_weight,
+      backend):
+    return torch.empty_like(z, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    z, t, labels, divergence, ignore_index, temperature, _, todi_beta, kd_weight, ce_weight, backend = inputs
+    ctx.save_for_backward(z, t, labels, output[1])
+    ctx.options = (divergence, ignore_index, temperature, todi_beta, kd_weight, ce_weight, backend)
+
+
+def _backward(ctx, grad_loss, grad_stats):
+    z, t, labels, stats = ctx.saved_tensors
+    dz = kd_backward(grad_loss, z, t, labels, stats, *ctx.options)
+    return dz, None, None, None, None, None, None, None, None, None, None
+
+
+kd_forward.register_autograd(_backward, setup_context=_setup_context)

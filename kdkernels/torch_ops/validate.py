@@ -1,0 +1,121 @@
+"""Argument checks of the public API: each raises ``TypeError``/``ValueError`` naming the argument.
+
+They read only Python-level metadata (shapes, dtypes, devices, flags), never tensor values, so they cost no
+host synchronisation and are traced away by ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from kdkernels.torch_ops.reference import DIVERGENCES, REDUCTIONS
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+BACKENDS = ("auto", "triton", "torch", "reference")
+
+
+def check_logits(name: str, x: object) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"{name} must have shape (..., V) with V >= 1, got {tuple(x.shape)}")
+
+
+def check_number(name: str, value: object, *, low: float | None = None, high: float | None = None) -> None:
+    """A finite real number, optionally inside the open interval (low, high)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if (low is not None and value <= low) or (high is not None and value >= high):
+        bounds = f"> {low}" if high is None else f"in ({low}, {high})"
+        raise ValueError(f"{name} must be {bounds}, got {value}")
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_labels(labels: object, student_logits: torch.Tensor, ignore_index: object) -> None:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if labels is None:
+        return
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must have an integer dtype, got {labels.dtype}")
+    if tuple(labels.shape) != tuple(student_logits.shape[:-1]):
+        raise ValueError(
+            f"labels must have the leading shape of the logits {tuple(student_logits.shape[:-1])}, "
+            f"got {tuple(labels.shape)}"
+        )
+    if labels.device != student_logits.device:
+        raise ValueError(f"labels is on {labels.device} but student_logits is on {student_logits.device}")
+
+
+def check_pair(student_logits: object, teacher_logits: object) -> None:
+    """Both logits valid, same shape and device; the teacher a constant."""
+    check_logits("student_logits", student_logits)
+    check_logits("teacher_logits", teacher_logits)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"teacher_logits shape {tuple(teacher_logits.shape)} must match student_logits shape "
+            f"{tuple(student_logits.shape)}"
+        )
+    if student_logits.device != teacher_logits.device:
+        raise ValueError(
+            f"teacher_logits is on {teacher_logits.device} but student_logits is on {student_logits.device}"
+        )
+    if teacher_logits.requires_grad:
+        raise ValueError("teacher_logits requires grad; the teacher is a constant target: pass .detach()")
+
+
+def check_loss_options(
+    divergence: object,
+    reduction: object,
+    temperature: object,
+    akl_alpha: object,
+    todi_beta: object,
+    kd_weight: object,
+    ce_weight: object,
+) -> None:
+    check_choice("divergence", divergence, DIVERGENCES)
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_number("temperature", temperature, low=0.0)
+    check_number("akl_alpha", akl_alpha, low=0.0, high=1.0)
+    check_number("todi_beta", todi_beta, low=0.0)
+    check_number("kd_weight", kd_weight)
+    check_number("ce_weight", ce_weight)
+
+
+def check_ce(ce_weight: float, labels: torch.Tensor | None) -> None:
+    if ce_weight != 0.0 and labels is None:
+        raise ValueError("ce_weight != 0 needs labels for the hard-label cross-entropy term")
+
+
+def resolve_backend(backend: object, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> str:
+    """``"auto"`` becomes ``"triton"`` on CUDA tensors and ``"torch"`` elsewhere; ``"triton"`` is checked."""
+    check_choice("backend", backend, BACKENDS)
+    if backend == "auto":
+        return "triton" if student_logits.is_cuda else "torch"
+    if backend == "triton":
+        if not (student_logits.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+            raise ValueError(
+                "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 to run the kernels on the CPU "
+                "through Triton's interpreter"
+            )
+        try:
+            import triton  # noqa: F401
+        except ImportError as err:
+            raise ValueError("backend='triton' needs the triton package, which is not installed") from err
+        for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+            if x.dtype == torch.float64:
+                raise TypeError(f"{name}: the triton backend takes float32, bfloat16 or float16, not float64")
+    return backend
