@@ -1,0 +1,56 @@
+"""Shared test helpers: backends under test, tolerances and comparison with the float64 reference."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from kdkernels.torch_ops.reference import kd_loss_reference
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+# Production backends compared with the reference; "triton" runs through the interpreter without a GPU.
+BACKENDS = ["torch", "triton"] if HAS_TRITON else ["torch"]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# Relative norm error allowed against the float64 reference, by student dtype: (loss, gradient).
+TOLERANCE = {
+    torch.float32: (1e-5, 1e-5),
+    torch.float64: (1e-10, 1e-10),
+    torch.bfloat16: (1e-4, 1e-2),
+    torch.float16: (1e-4, 1e-2),
+}
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """``||actual - expected|| / ||expected||`` in float64 (absolute error when ``expected`` is 0)."""
+    actual, expected = actual.double(), expected.double()
+    diff = (actual - expected).norm().item()
+    scale = expected.norm().item()
+    return diff / scale if scale > 0 else diff
+
+
+def loss_and_grad(fn, student: torch.Tensor, grad_seed: int = 0):
+    """Loss ``fn(student)`` and the gradient of ``sum(loss * w)`` for a fixed random weight ``w``."""
+    z = student.detach().clone().requires_grad_(True)
+    loss = fn(z)
+    weight = torch.rand(loss.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64)
+    (loss * weight.to(loss.dtype).to(loss.device)).sum().backward()
+    return loss.detach(), z.grad
+
+
+def reference_loss_and_grad(student, teacher, divergence, **kwargs):
+    """The float64 reference on the same (already rounded) inputs."""
+    t64 = teacher.detach().double()
+    return loss_and_grad(lambda z: kd_loss_reference(z, t64, divergence, **kwargs), student.double())
+
+
+def assert_matches_reference(loss_fn, student, teacher, divergence, **kwargs):
+    """Loss and gradient of ``loss_fn(z)`` match the float64 reference within the dtype's tolerance."""
+    loss, grad = loss_and_grad(loss_fn, student)
+    ref_loss, ref_grad = reference_loss_and_grad(student, teacher, divergence, **kwargs)
+    assert grad.dtype == student.dtype
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    tol_loss, tol_grad = TOLERANCE[student.dtype]
+    assert rel_err(loss, ref_loss) <= tol_loss, (rel_err(loss, ref_loss), tol_loss)
+    assert rel_err(grad, ref_grad) <= tol_grad, (rel_err(grad, ref_grad), tol_grad)
