@@ -92,3 +92,37 @@ def variants(
     for v in out:
         v.meta = dict(divergence=divergence, dtype=dtype, vocab=vocab, has_ce=has_ce)
     return out
+
+
+def compile_all(archs: tuple[int, ...] = (80, 90), cases=None) -> list[dict]:
+    """Compile the variants of ``cases`` (``(divergence, dtype, has_ce)`` triples, default: every one) per arch.
+
+    Must run in a process without ``TRITON_INTERPRET=1``: under the interpreter, ``triton.jit`` gives
+    functions that cannot be compiled (tests call ``python -m kdkernels.kernels.aot`` in a subprocess).
+    """
+    if cases is None:
+        cases = [(d, dtype, ce) for d in DIVERGENCE_CODES for dtype in TRITON_DTYPES for ce in (False, True)]
+    results = []
+    for divergence, dtype, has_ce in cases:
+        for variant in variants(divergence, dtype, has_ce=has_ce):
+            for arch in archs:
+                compiled = variant.compile(arch)
+                results.append(dict(variant.meta, kernel=variant.name, arch=arch,
+                                    cubin_bytes=len(compiled.asm.get("cubin", b"")),
+                                    shared=compiled.metadata.shared, ptx=compiled.asm["ptx"]))
+    return results
+
+
+def main() -> None:
+    """``python -m kdkernels.kernels.aot [ARCH ...]``: compile every variant, print one JSON line each."""
+    import json
+    import sys
+
+    archs = tuple(int(a) for a in sys.argv[1:]) or (80, 90)
+    for row in compile_all(archs):
+        row.pop("ptx")
+        print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()

@@ -5,6 +5,8 @@ gradient w.r.t. the student logits. Inputs are ``(N, V)`` with unit stride over 
 be strided), in float32, bfloat16 or float16; labels are ``(N,)`` int64 or ``None``.
 """
 
+import os
+
 import torch
 import triton
 
@@ -14,10 +16,17 @@ from kdkernels.torch_ops.layout import DIVERGENCE_CODES, NUM_STATS
 
 STREAM_BLOCK = 4096  # entries per block in the streaming passes
 HIST_BLOCK = 64  # entries per block in the passes that build AKL's 256-bucket histograms
+# Triton's interpreter (CPU tests) has no registers to spare but pays per block: wider histogram blocks.
+INTERPRETER_HIST_BLOCK = 1024
 
 
 def _block(vocab: int, cap: int) -> int:
     return max(16, min(triton.next_power_of_2(vocab), cap))
+
+
+def hist_block() -> int:
+    """Block of the AKL histogram passes: ``HIST_BLOCK`` on GPUs, wider under the interpreter."""
+    return INTERPRETER_HIST_BLOCK if os.environ.get("TRITON_INTERPRET") == "1" else HIST_BLOCK
 
 
 def _warps(block: int) -> int:
@@ -58,19 +67,19 @@ def kd_forward(
     )
     labels_arg = labels if labels is not None else loss
     inv_t = 1.0 / temperature
-    first_block = _block(vocab, HIST_BLOCK if is_akl else STREAM_BLOCK)
+    first_block = _block(vocab, hist_block() if is_akl else STREAM_BLOCK)
     stats_kernel[(n_rows,)](
         z, t, labels_arg, loss, stats, key,
         vocab, z.stride(0), t.stride(0), inv_t, ignore_index, kd_weight, ce_weight, akl_alpha,
         BLOCK_V=first_block, num_warps=_warps(first_block), **flags,
     )
     if is_akl:
-        hist_block = _block(vocab, HIST_BLOCK)
+        level_block = _block(vocab, hist_block())
         for shift in range(key_bits - 16, -1, -8):
             akl_level_kernel[(n_rows,)](
                 t, labels_arg, stats, key,
                 vocab, t.stride(0), inv_t, ignore_index, akl_alpha,
-                HAS_LABELS=labels is not None, KEY_BITS=key_bits, SHIFT=shift, BLOCK_V=hist_block,
+                HAS_LABELS=labels is not None, KEY_BITS=key_bits, SHIFT=shift, BLOCK_V=level_block,
                 num_warps=4,
             )
     if divergence in ("akl", "todi"):

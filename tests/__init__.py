@@ -1,0 +1,1 @@
+"""kdkernels test suite."""
