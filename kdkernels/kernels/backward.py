@@ -49,6 +49,7 @@ def grad_kernel(
     dz_row = dz_ptr + row * stride_dz
     stats_row = stats_ptr + row * NUM_STATS
     keep = row_keep(labels_ptr, row, ignore_index, HAS_LABELS)
+    limit = tl.where(keep, V, 0)  # ignored rows read nothing and write zeros
     g = tl.load(grad_rows_ptr + row)
     scale_kd = g * kd_weight * inv_t
     lse_z = tl.load(stats_row + LSE_Z)
@@ -68,7 +69,7 @@ def grad_kernel(
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
         inb = offs < V
-        read = inb & keep  # ignored rows read nothing and write zeros
+        read = offs < limit
         z_raw = load_block(z_row, offs, read).to(tl.float32)
         z = z_raw * inv_t
         t = load_block(t_row, offs, read).to(tl.float32) * inv_t

@@ -75,6 +75,7 @@ def stats_kernel(
     t_row = t_ptr + row * stride_t
     stats_row = stats_ptr + row * NUM_STATS
     keep = row_keep(labels_ptr, row, ignore_index, HAS_LABELS)
+    limit = tl.where(keep, V, 0)  # ignored rows read nothing
 
     m_z = NEG_BIG
     m_t = NEG_BIG
@@ -89,7 +90,7 @@ def stats_kernel(
     hist = tl.zeros([RADIX], dtype=tl.float32)
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
-        inb = (offs < V) & keep  # ignored rows read nothing
+        inb = offs < limit
         z_raw = load_block(z_row, offs, inb).to(tl.float32)
         t_in = load_block(t_row, offs, inb)
         z = z_raw * inv_t
@@ -171,13 +172,14 @@ def akl_level_kernel(
     t_row = t_ptr + row * stride_t
     stats_row = stats_ptr + row * NUM_STATS
     keep = row_keep(labels_ptr, row, ignore_index, HAS_LABELS)
+    limit = tl.where(keep, V, 0)  # ignored rows read nothing
     prefix = tl.load(key_ptr + row).to(tl.uint32)
     below = tl.load(stats_row + AKL_BELOW)
     lse_t = tl.load(stats_row + LSE_T)
     hist = tl.zeros([RADIX], dtype=tl.float32)
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
-        inb = (offs < V) & keep  # ignored rows read nothing
+        inb = offs < limit
         t_in = load_block(t_row, offs, inb)
         key = order_key(t_in, KEY_BITS)
         match = inb & ((key >> (SHIFT + 8)) == prefix)
@@ -208,6 +210,7 @@ def finish_kernel(
     t_row = t_ptr + row * stride_t
     stats_row = stats_ptr + row * NUM_STATS
     keep = row_keep(labels_ptr, row, ignore_index, HAS_LABELS)
+    limit = tl.where(keep, V, 0)  # ignored rows read nothing
     lse_z = tl.load(stats_row + LSE_Z)
     lse_t = tl.load(stats_row + LSE_T)
     s_a = 0.0
@@ -221,7 +224,7 @@ def finish_kernel(
         seen = tl.zeros([1], dtype=tl.int32)  # entries keyed `cut` in earlier blocks
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
-        inb = (offs < V) & keep  # ignored rows read nothing
+        inb = offs < limit
         z = load_block(z_row, offs, inb).to(tl.float32) * inv_t
         t_in = load_block(t_row, offs, inb)
         t = t_in.to(tl.float32) * inv_t
