@@ -71,14 +71,14 @@ def variants(
     first = launch._block(vocab, launch.HIST_BLOCK if divergence == "akl" else launch.STREAM_BLOCK)
     ce = dict(flags, BLOCK_V=first)
     out.append(Variant("stats", stats_kernel, _signature(stats_kernel, forward_ptrs, floats, ce), ce,
-                       launch._warps(first)))
+                       launch.HIST_WARPS if divergence == "akl" else launch._warps(first)))
     if divergence == "akl":
         for shift in range(key_bits - 16, -1, -8):
             level = dict(HAS_LABELS=with_labels, KEY_BITS=key_bits, SHIFT=shift,
                          BLOCK_V=launch._block(vocab, launch.HIST_BLOCK))
             ptrs = {"t_ptr": f"*{elem}", "labels_ptr": labels, "stats_ptr": "*fp32", "key_ptr": "*i64"}
             out.append(Variant(f"akl_level_shift{shift}", akl_level_kernel,
-                               _signature(akl_level_kernel, ptrs, floats, level), level, 4))
+                               _signature(akl_level_kernel, ptrs, floats, level), level, launch.HIST_WARPS))
     block = launch._block(vocab, launch.STREAM_BLOCK)
     if divergence in ("akl", "todi"):
         fin = dict(flags, BLOCK_V=block)

@@ -15,7 +15,8 @@ from kdkernels.kernels.forward import akl_level_kernel, finish_kernel, stats_ker
 from kdkernels.torch_ops.layout import DIVERGENCE_CODES, NUM_STATS
 
 STREAM_BLOCK = 4096  # entries per block in the streaming passes
-HIST_BLOCK = 64  # entries per block in the passes that build AKL's 256-bucket histograms
+HIST_BLOCK = 32  # entries per block in the passes that build AKL's 256-bucket histograms...
+HIST_WARPS = 2  # ...on 2 warps: the (block x 256) one-hot compare then fits in registers without spills
 # Triton's interpreter (CPU tests) has no registers to spare but pays per block: wider histogram blocks.
 INTERPRETER_HIST_BLOCK = 1024
 
@@ -71,7 +72,7 @@ def kd_forward(
     stats_kernel[(n_rows,)](
         z, t, labels_arg, loss, stats, key,
         vocab, z.stride(0), t.stride(0), inv_t, ignore_index, kd_weight, ce_weight, akl_alpha,
-        BLOCK_V=first_block, num_warps=_warps(first_block), **flags,
+        BLOCK_V=first_block, num_warps=HIST_WARPS if is_akl else _warps(first_block), **flags,
     )
     if is_akl:
         level_block = _block(vocab, hist_block())
@@ -80,7 +81,7 @@ def kd_forward(
                 t, labels_arg, stats, key,
                 vocab, t.stride(0), inv_t, ignore_index, akl_alpha,
                 HAS_LABELS=labels is not None, KEY_BITS=key_bits, SHIFT=shift, BLOCK_V=level_block,
-                num_warps=4,
+                num_warps=HIST_WARPS,
             )
     if divergence in ("akl", "todi"):
         block = _block(vocab, STREAM_BLOCK)
