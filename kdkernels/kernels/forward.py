@@ -130,14 +130,14 @@ def stats_kernel(
     tl.store(stats_row + LSE_T, m_t + log_st)
     div = 0.0
     if NEED_F:
-        mass_p = tl.where(p_s > 0, p_s / s_t, 0.0)
-        fkl = tl.where(p_s > 0, a_f / s_t - mass_p * (log_st - log_sz), 0.0)
+        mass_p = tl.where(p_s == 0, 0.0, p_s / s_t)  # NaN stays NaN
+        fkl = tl.where(p_s == 0, 0.0, a_f / s_t - mass_p * (log_st - log_sz))
         tl.store(stats_row + MASS_P, mass_p)
         tl.store(stats_row + FKL_COL, fkl)
         div = fkl
     if NEED_R:
-        mass_q = tl.where(q_s > 0, q_s / s_z, 0.0)
-        rkl = tl.where(q_s > 0, a_r / s_z - mass_q * (log_sz - log_st), 0.0)
+        mass_q = tl.where(q_s == 0, 0.0, q_s / s_z)
+        rkl = tl.where(q_s == 0, 0.0, a_r / s_z - mass_q * (log_sz - log_st))
         tl.store(stats_row + MASS_Q, mass_q)
         tl.store(stats_row + RKL_COL, rkl)
         div = rkl

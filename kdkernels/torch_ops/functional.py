@@ -82,7 +82,8 @@ def kd_loss(
     # The kernels address rows by stride but need the vocabulary contiguous.
     z = z if z.stride(-1) == 1 else z.contiguous()
     t = t if t.stride(-1) == 1 else t.contiguous()
-    flat_labels = None if labels is None else labels.reshape(-1).to(torch.int64)
+    # The kernels index labels by row, so they too must be contiguous (a strided view is copied).
+    flat_labels = None if labels is None else labels.reshape(-1).to(torch.int64).contiguous()
     rows, _ = kd_forward(z, t, flat_labels, divergence, ignore_index, float(temperature), float(akl_alpha),
                          float(todi_beta), float(kd_weight), float(ce_weight), backend)
     return reduce_rows(rows, flat_labels, ignore_index, reduction, student_logits.shape[:-1])
