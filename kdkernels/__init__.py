@@ -5,7 +5,17 @@ per call from the tensors' device, and triton is imported only when the Triton b
 """
 
 from kdkernels.torch_ops.functional import adaptive_kl, forward_kl, kd_loss, reverse_kl, todi
+from kdkernels.torch_ops.fused_linear import FusedLinearKDLoss, fused_linear_kd_loss
 from kdkernels.torch_ops.modules import KDLoss
 
-__all__ = ["KDLoss", "adaptive_kl", "forward_kl", "kd_loss", "reverse_kl", "todi"]
+__all__ = [
+    "FusedLinearKDLoss",
+    "KDLoss",
+    "adaptive_kl",
+    "forward_kl",
+    "fused_linear_kd_loss",
+    "kd_loss",
+    "reverse_kl",
+    "todi",
+]
 __version__ = "0.1.0"

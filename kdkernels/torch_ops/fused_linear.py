@@ -1,0 +1,312 @@
+"""Fused output layer + distillation loss: the ``(N, V)`` logits are made a chunk of tokens at a time.
+
+For ``N`` token rows (leading dimensions flattened), student hidden states ``h`` ``(N, H_s)``, output
+weight ``W`` ``(V, H_s)`` and optional bias ``b`` ``(V,)``, and a teacher given either as hidden states
+``g`` ``(N, H_t)`` with ``U`` ``(V, H_t)``, ``c`` ``(V,)`` or directly as logits ``t`` ``(N, V)``::
+
+    z = h W^T + b,   t = g U^T + c                      (one chunk of rows at a time)
+    row_i = kd_weight * D(z_i, t_i) + ce_weight * CE(z_i, label_i)     (SPEC §2-3; no T**2 factor)
+    loss = mean over kept rows | sum | the rows themselves ("none")
+
+Each chunk runs the registered ``kd_forward`` op and, when a gradient is needed, ``kd_backward`` with the
+row's share ``s_i = d loss / d row_i`` (1 for ``"sum"``, ``1 / kept rows`` for ``"mean"``), giving
+``dz``, then ``dL/dh = dz W``, ``dL/dW += dz^T h``, ``dL/db += sum_i dz_i``. The chunk's logits and
+``dz`` are freed before the next chunk, so beyond the inputs and their gradients the memory is a few
+``(chunk, V)`` buffers, whatever ``N``. As in Liger's fused linear losses the gradients are computed in the
+forward and the backward only multiplies them by ``grad_output``. With ``reduction="none"`` each row has its
+own ``grad_output``, unknown in the forward: then the forward keeps only its inputs and the backward
+recomputes every chunk (twice the matrix products).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kdkernels.torch_ops import validate
+from kdkernels.torch_ops.functional import reduce_rows
+from kdkernels.torch_ops.op import kd_backward, kd_forward
+
+FUSED_BACKENDS = ("auto", "torch", "triton")
+CHUNK_ELEMENTS = 1 << 24  # most logits entries of one chunk (64 MiB in float32)
+MIN_CHUNK_ROWS = 256
+
+
+def auto_chunk_size(vocab: int, hidden: int) -> int:
+    """Rows per chunk: a power of two at most ``max(hidden, 256)`` and ``2**24 / V`` (at least 1).
+
+    The first bound keeps a chunk's logits no larger than the output weight (``V x H``) once ``H >= 256``,
+    the second caps them at 64 MiB in float32; 256 rows keep the matrix products efficient.
+    """
+    rows = max(1, min(max(hidden, MIN_CHUNK_ROWS), CHUNK_ELEMENTS // max(vocab, 1)))
+    return 1 << (rows.bit_length() - 1)
+
+
+def _sweep(student, teacher, labels, opts, row_grad, needs):
+    """Row losses ``(N,)`` and, with ``row_grad`` ``(N,)``, the gradients ``(dh, dW, db)`` (``None`` if unneeded).
+
+    ``student = (h, W, b)``; ``teacher = (g, U, c, t)`` with either ``t`` or ``g, U`` given.
+    """
+    h, weight, bias = student
+    g, t_weight, t_bias, t_logits = teacher
+    n_rows = h.shape[0]
+    rows = torch.zeros(n_rows, dtype=opts["result_dtype"], device=h.device)
+    acc = torch.promote_types(weight.dtype, torch.float32)  # accumulate the weight/bias gradients in float32+
+    want = [row_grad is not None and need for need in needs]
+    dh = torch.zeros_like(h) if want[0] else None
+    dw = torch.zeros(weight.shape, dtype=acc, device=h.device) if want[1] else None
+    db = torch.zeros(bias.shape, dtype=acc, device=h.device) if want[2] else None
+    loss_options = opts["loss"]
+    step = opts["chunk_size"]
+    for lo in range(0, n_rows, step):
+        part = slice(lo, lo + step)
+        z = F.linear(h[part], weight, bias)
+        t = F.linear(g[part], t_weight, t_bias) if t_logits is None else t_logits[part]
+        t = t if t.stride(-1) == 1 else t.contiguous()
+        lab = None if labels is None else labels[part]
+        rows[part], stats = kd_forward(z, t, lab, *loss_options)
+        if row_grad is None:
+            continue
+        dz = kd_backward(row_grad[part], z, t, lab, stats, *_backward_options(loss_options))
+        del z, t, stats
+        if dh is not None:
+            dh[part] = dz @ weight
+        if dw is not None:
+            if dz.dtype == dw.dtype:
+                dw.addmm_(dz.mT, h[part])
+            else:
+                dw += (dz.mT @ h[part]).to(dw.dtype)
+        if db is not None:
+            db += dz.sum(0, dtype=acc)
+        del dz
+    grads = None
+    if row_grad is not None:
+        grads = (dh, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(bias.dtype))
+    return rows, grads
+
+
+def _backward_options(loss_options: tuple) -> tuple:
+    """``kd_forward``'s trailing options minus ``akl_alpha``, in ``kd_backward``'s order."""
+    divergence, ignore_index, temperature, _, todi_beta, kd_weight, ce_weight, backend = loss_options
+    return divergence, ignore_index, temperature, todi_beta, kd_weight, ce_weight, backend
+
+
+def _row_shares(n_rows: int, labels: torch.Tensor | None, ignore_index: int, reduction: str,
+                device: torch.device) -> torch.Tensor:
+    """``d loss / d row`` ``(N,)`` float32: 1 for ``"sum"``, 1 / (kept rows, at least 1) for ``"mean"``."""
+    ones = torch.ones(n_rows, dtype=torch.float32, device=device)
+    if reduction == "sum":
+        return ones
+    if labels is None:
+        return ones / max(n_rows, 1)
+    return ones / (labels != ignore_index).sum().clamp(min=1)
+
+
+class _FusedLinearKD(torch.autograd.Function):
+    """Inputs already flattened to rows; ``opts`` holds the options, ``needs`` which gradients to make."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, g, t_weight, t_bias, t_logits, labels, opts, needs):
+        student, teacher = (h, weight, bias), (g, t_weight, t_bias, t_logits)
+        ctx.opts, ctx.needs = opts, needs
+        reduction, ignore_index = opts["reduction"], opts["loss"][1]
+        if reduction == "none":
+            rows, _ = _sweep(student, teacher, labels, opts, None, needs)
+            ctx.save_for_backward(h, weight, bias, g, t_weight, t_bias, t_logits, labels)
+            return rows
+        shares = _row_shares(h.shape[0], labels, ignore_index, reduction, h.device) if any(needs) else None
+        rows, grads = _sweep(student, teacher, labels, opts, shares, needs)
+        ctx.save_for_backward(*(grads or (None, None, None)))
+        return reduce_rows(rows, labels, ignore_index, reduction, rows.shape)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if ctx.opts["reduction"] == "none":
+            h, weight, bias, g, t_weight, t_bias, t_logits, labels = ctx.saved_tensors
+            _, grads = _sweep((h, weight, bias), (g, t_weight, t_bias, t_logits), labels, ctx.opts,
+                              grad_output.to(torch.float32), ctx.needs)
+        else:
+            # In place: no second copy of dW. A second backward through the graph would then fail
+            # autograd's saved-tensor version check instead of scaling twice.
+            grads = tuple(None if x is None else x.mul_(grad_output.to(x.dtype)) for x in ctx.saved_tensors)
+        return (*grads, None, None, None, None, None, None, None)
+
+
+def _check_weight(name: str, weight: object, bias_name: str, bias: object) -> None:
+    validate.check_logits(name, weight)
+    if weight.dim() != 2:
+        raise ValueError(f"{name} must have shape (V, hidden), got {tuple(weight.shape)}")
+    if bias is None:
+        return
+    validate.check_logits(bias_name, bias)
+    if tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{bias_name} must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if bias.dtype != weight.dtype:
+        raise TypeError(f"{bias_name} dtype {bias.dtype} must match {name} dtype {weight.dtype}")
+
+
+def _check_hidden(name: str, hidden: object, weight_name: str, weight: torch.Tensor) -> None:
+    validate.check_logits(name, hidden)
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"{name} hidden size {hidden.shape[-1]} must match {weight_name} shape {tuple(weight.shape)}[1]"
+        )
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"{name} dtype {hidden.dtype} must match {weight_name} dtype {weight.dtype}")
+
+
+def _check_inputs(h, w, b, g, u, c, t_logits) -> torch.Tensor:
+    """All shape/dtype/device checks; returns the tensor standing for the teacher in backend checks."""
+    _check_weight("student_weight", w, "student_bias", b)
+    _check_hidden("student_hidden", h, "student_weight", w)
+    lead, vocab = tuple(h.shape[:-1]), w.shape[0]
+    if t_logits is not None:
+        if g is not None or u is not None or c is not None:
+            raise ValueError("pass either teacher_logits or teacher_hidden and teacher_weight (with teacher_bias), "
+                             "not both")
+        validate.check_logits("teacher_logits", t_logits)
+        if tuple(t_logits.shape) != (*lead, vocab):
+            raise ValueError(f"teacher_logits must have shape {(*lead, vocab)}, got {tuple(t_logits.shape)}")
+        teacher = {"teacher_logits": t_logits}
+    else:
+        if g is None or u is None:
+            raise ValueError("the teacher needs teacher_hidden and teacher_weight, or teacher_logits")
+        _check_weight("teacher_weight", u, "teacher_bias", c)
+        _check_hidden("teacher_hidden", g, "teacher_weight", u)
+        if u.shape[0] != vocab:
+            raise ValueError(f"teacher_weight has vocabulary {u.shape[0]} but student_weight has {vocab}; "
+                             "the vocabularies must match")
+        if tuple(g.shape[:-1]) != lead:
+            raise ValueError(f"teacher_hidden leading shape {tuple(g.shape[:-1])} must match student_hidden's {lead}")
+        teacher = {"teacher_hidden": g, "teacher_weight": u, "teacher_bias": c}
+    for name, x in {"student_weight": w, "student_bias": b, **teacher}.items():
+        if x is not None and x.device != h.device:
+            raise ValueError(f"{name} is on {x.device} but student_hidden is on {h.device}")
+    for name, x in teacher.items():
+        if x is not None and x.requires_grad:
+            raise ValueError(f"{name} requires grad; the teacher is a constant target: pass .detach()")
+    return t_logits if t_logits is not None else g
+
+
+def fused_linear_kd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_weight: torch.Tensor | None = None,
+    divergence: str = "fkl",
+    *,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    akl_alpha: float = 0.5,
+    todi_beta: float = 1.0,
+    kd_weight: float = 1.0,
+    ce_weight: float = 0.0,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """``kd_loss(student_hidden @ student_weight.T + student_bias, teacher logits, ...)`` without full logits.
+
+    Args:
+        student_hidden: ``(..., H_s)`` last hidden states; gradients flow to it, ``student_weight`` ``(V, H_s)``
+            and ``student_bias`` ``(V,)`` (all of one float dtype).
+        teacher_hidden, teacher_weight, teacher_bias: ``(..., H_t)``, ``(V, H_t)``, ``(V,)``; ``H_t`` may differ
+            from ``H_s``, ``V`` may not. Or pass ``teacher_logits`` ``(..., V)`` instead. Teacher tensors are
+            constants and must not require grad (``.detach()`` them).
+        divergence, labels, ignore_index, temperature, akl_alpha, todi_beta, kd_weight, ce_weight:
+            as in :func:`kdkernels.kd_loss` (the teacher is the target; no ``T**2`` factor; CE at T = 1).
+        reduction: ``"mean"`` over kept rows, ``"sum"``, or ``"none"`` (rows of shape ``(...)``; its backward
+            recomputes the logits, so it costs twice the matrix products).
+        backend: ``"auto"`` (Triton on CUDA, torch on CPU), ``"torch"`` or ``"triton"``.
+        chunk_size: token rows per chunk; default :func:`auto_chunk_size` of ``V`` and the larger hidden size.
+
+    Returns the float32 loss. Memory beyond inputs and gradients is a few ``(chunk_size, V)`` buffers.
+
+    Example::
+
+        h = student.model(input_ids).last_hidden_state[:, :-1]
+        with torch.no_grad():
+            g = teacher.model(input_ids).last_hidden_state[:, :-1]
+        loss = fused_linear_kd_loss(h, student.lm_head.weight, g, teacher.lm_head.weight.detach(), "todi",
+                                    labels=input_ids[:, 1:], temperature=2.0, kd_weight=0.5, ce_weight=0.5)
+    """
+    h, w, b, g, u, c, t_logits = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                                  teacher_bias, teacher_logits)
+    teacher_ref = _check_inputs(h, w, b, g, u, c, t_logits)
+    validate.check_loss_options(divergence, reduction, temperature, akl_alpha, todi_beta, kd_weight, ce_weight)
+    validate.check_labels(labels, h, ignore_index)
+    validate.check_ce(ce_weight, labels)
+    validate.check_choice("backend", backend, FUSED_BACKENDS)
+    backend = validate.resolve_backend(backend, h, teacher_ref)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)):
+        raise TypeError(f"chunk_size must be an int or None, got {type(chunk_size).__name__}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    vocab, lead = w.shape[0], h.shape[:-1]
+    hidden = max(w.shape[1], 0 if u is None else u.shape[1])
+    wide = torch.float64 in (h.dtype, (t_logits if t_logits is not None else g).dtype)
+    opts = {
+        "loss": (divergence, ignore_index, float(temperature), float(akl_alpha), float(todi_beta), float(kd_weight),
+                 float(ce_weight), backend),
+        "reduction": reduction,
+        "chunk_size": chunk_size or auto_chunk_size(vocab, hidden),
+        "result_dtype": torch.float64 if wide else torch.float32,
+    }
+    grad_on = torch.is_grad_enabled()
+    needs = tuple(grad_on and x is not None and x.requires_grad for x in (h, w, b))
+    flat = [None if x is None else x.reshape(-1, x.shape[-1]) for x in (h, g, t_logits)]
+    flat_labels = None if labels is None else labels.reshape(-1).to(torch.int64).contiguous()
+    out = _FusedLinearKD.apply(flat[0], w, b, flat[1], u, c, flat[2], flat_labels, opts, needs)
+    return out.reshape(lead) if reduction == "none" else out
+
+
+class FusedLinearKDLoss(torch.nn.Module):
+    """``FusedLinearKDLoss("todi", temperature=2.0)(student_hidden, student_weight, teacher_hidden, teacher_weight)``.
+
+    Holds the keywords of :func:`fused_linear_kd_loss` (checked once, here) and applies them on each call.
+    """
+
+    def __init__(
+        self,
+        divergence: str = "fkl",
+        *,
+        ignore_index: int = -100,
+        temperature: float = 1.0,
+        reduction: str = "mean",
+        akl_alpha: float = 0.5,
+        todi_beta: float = 1.0,
+        kd_weight: float = 1.0,
+        ce_weight: float = 0.0,
+        backend: str = "auto",
+        chunk_size: int | None = None,
+    ):
+        super().__init__()
+        validate.check_loss_options(divergence, reduction, temperature, akl_alpha, todi_beta, kd_weight, ce_weight)
+        validate.check_choice("backend", backend, FUSED_BACKENDS)
+        self.divergence = divergence
+        self.options = dict(ignore_index=ignore_index, temperature=temperature, reduction=reduction,
+                            akl_alpha=akl_alpha, todi_beta=todi_beta, kd_weight=kd_weight, ce_weight=ce_weight,
+                            backend=backend, chunk_size=chunk_size)
+
+    def forward(
+        self,
+        student_hidden: torch.Tensor,
+        student_weight: torch.Tensor,
+        teacher_hidden: torch.Tensor | None = None,
+        teacher_weight: torch.Tensor | None = None,
+        *,
+        student_bias: torch.Tensor | None = None,
+        teacher_bias: torch.Tensor | None = None,
+        teacher_logits: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, self.divergence,
+                                    student_bias=student_bias, teacher_bias=teacher_bias,
+                                    teacher_logits=teacher_logits, labels=labels, **self.options)
+
+    def extra_repr(self) -> str:
+        return f"divergence={self.divergence!r}, " + ", ".join(f"{k}={v!r}" for k, v in self.options.items())
