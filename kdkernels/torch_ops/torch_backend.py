@@ -53,6 +53,21 @@ def _centred(x: torch.Tensor, temperature: float, dtype: torch.dtype):
     return c, e, s, m[:, 0] + s.log()
 
 
+def _probs(z, t, lse_z, lse_t, temperature: float, dtype: torch.dtype):
+    """``(q, p, d, live)`` of one chunk from its logits and final log-sum-exps, all ``(rows, V)``.
+
+    ``d = lq - lp`` (0 where masked); ``exp(-inf - lse)`` is 0, and all -inf rows give probabilities 0, not NaN.
+    """
+    zs = z.to(dtype) / temperature
+    ts = t.to(dtype) / temperature
+    live = (zs != NEG_INF) & (ts != NEG_INF)
+    lq = zs - lse_z[:, None]
+    lp = ts - lse_t[:, None]
+    q = torch.where(zs == NEG_INF, 0.0, lq.exp())
+    p = torch.where(ts == NEG_INF, 0.0, lp.exp())
+    return q, p, torch.where(live, lq - lp, 0.0), live
+
+
 def _sigmoids(d: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """ToDi's ``w = sigmoid(-b d)`` and ``c = sigmoid(b d)`` from one ``u = exp(-b |d|)``.
 
@@ -108,9 +123,9 @@ def forward_chunk(z, t, labels, divergence, ignore_index, temperature, akl_alpha
         cols[layout.R_HEAD], cols[layout.R_TAIL] = akl_weights(p, q, akl_alpha)
         div = cols[layout.R_HEAD] * cols[layout.FKL] + cols[layout.R_TAIL] * cols[layout.RKL]
     if divergence == "todi":
-        d = torch.where(live, (a - b) + log_ratio[:, None], 0.0)  # lq - lp
-        q = e_z * (1.0 / s_z)[:, None]
-        p = e_t * (1.0 / s_t)[:, None]
+        # From the inputs and the final log-sum-exps, as the kernels' second pass: compiled, this is one more
+        # fused loop over z and t instead of (chunk, V) buffers kept from the first.
+        q, p, d, live = _probs(z, t, lse_z, lse_t, temperature, dtype)
         w, c = _sigmoids(d, todi_beta)
         s_a = torch.where(live, w * p, 0.0).sum(-1)
         s_b = torch.where(live, c * q * (d + 1.0), 0.0).sum(-1)
@@ -130,15 +145,7 @@ def backward_chunk(out, grad_rows, z, t, labels, stats, divergence, ignore_index
     """Write the gradient of one chunk of rows into ``out`` ``(rows, V)`` (SPEC §2, times ``g kd_weight / T``)."""
     dtype = compute_dtype(z, t)
     st = stats.to(dtype)
-    zs = z.to(dtype) / temperature
-    ts = t.to(dtype) / temperature
-    live = (zs != NEG_INF) & (ts != NEG_INF)
-    lq = zs - st[:, layout.LSE_Z, None]
-    lp = ts - st[:, layout.LSE_T, None]
-    # exp(-inf - lse) is 0, and rows of all -inf give probabilities 0, not NaN.
-    q = torch.where(zs == NEG_INF, 0.0, lq.exp())
-    p = torch.where(ts == NEG_INF, 0.0, lp.exp())
-    d = torch.where(live, lq - lp, 0.0)
+    q, p, d, live = _probs(z, t, st[:, layout.LSE_Z], st[:, layout.LSE_T], temperature, dtype)
     if divergence in ("fkl", "akl"):
         g_f = q * st[:, layout.MASS_P, None] - torch.where(live, p, 0.0)
     if divergence in ("rkl", "akl"):
