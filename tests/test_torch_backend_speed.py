@@ -4,6 +4,7 @@ Small calls run eagerly (``COMPILE_MIN_ELEMENTS``), so the rest of the suite nev
 and chunk size are lowered to reach the compiled path once, at a modest size, for one divergence.
 """
 
+import pytest
 import torch
 
 import kdkernels as kd
@@ -22,7 +23,8 @@ def test_small_inputs_stay_eager():
     assert not torch_backend._use_compiled(z.double(), z.double())
 
 
-def test_compiled_chunks_match_reference_for_any_row_count(monkeypatch):
+@pytest.mark.parametrize("divergence", ["todi", "akl"])
+def test_compiled_chunks_match_reference_for_any_row_count(monkeypatch, divergence):
     monkeypatch.setattr(torch_backend, "COMPILE_MIN_ELEMENTS", 0)
     monkeypatch.setattr(torch_backend, "COMPILED_CHUNK_ELEMENTS", 8 * 500)  # 8 rows per chunk
     gen = torch.Generator().manual_seed(0)
@@ -35,6 +37,6 @@ def test_compiled_chunks_match_reference_for_any_row_count(monkeypatch):
     for n in (27, 19):  # two row counts, one compiled shape (the last chunk overlaps)
         z, t, labels = z_all[:n], t_all[:n], labels_all[:n]
         options = dict(labels=labels, temperature=2.0, reduction="none")
-        assert_matches_reference(lambda x, t=t, o=options: kd.kd_loss(x, t, "todi", backend="torch", **o), z, t,
-                                 "todi", **options)
+        assert_matches_reference(lambda x, t=t, o=options: kd.kd_loss(x, t, divergence, backend="torch", **o), z, t,
+                                 divergence, **options)
     assert not torch_backend._FAILED

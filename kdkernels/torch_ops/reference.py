@@ -46,20 +46,23 @@ def akl_weights(p: torch.Tensor, q: torch.Tensor, alpha: float) -> tuple[torch.T
 
     Entries are ordered by ``p`` ascending with ties in index order (a stable sort); an entry is in the
     tail when the inclusive cumulative sum of ``p`` in that order is ``<= alpha``, else in the head.
-    ``r_h = g_head / (g_head + g_tail)`` with ``g = sum |p - q|`` over each part; 0.5/0.5 when both are 0.
     """
     with torch.no_grad():
         order = torch.sort(p, dim=-1, stable=True).indices
         tail_sorted = torch.cumsum(torch.gather(p, -1, order), dim=-1) <= alpha
         tail = torch.zeros_like(tail_sorted).scatter(-1, order, tail_sorted)
-        gap = (p - q).abs()
-        g_tail = torch.where(tail, gap, 0.0).sum(-1)
-        g_head = torch.where(tail, 0.0, gap).sum(-1)
-        total = g_head + g_tail
-        safe = torch.where(total > 0, total, 1.0)
-        r_h = torch.where(total > 0, g_head / safe, 0.5)
-        r_t = torch.where(total > 0, g_tail / safe, 0.5)
-    return r_h, r_t
+        return head_tail_weights(tail, p, q)
+
+
+def head_tail_weights(tail: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``r_h = g_head / (g_head + g_tail)`` and ``r_t``, with ``g = sum |p - q|`` over each part of the
+    ``(N, V)`` split ``tail``; 0.5/0.5 when both sums are 0."""
+    gap = (p - q).abs()
+    g_tail = torch.where(tail, gap, 0.0).sum(-1)
+    g_head = torch.where(tail, 0.0, gap).sum(-1)
+    total = g_head + g_tail
+    safe = torch.where(total > 0, total, 1.0)
+    return torch.where(total > 0, g_head / safe, 0.5), torch.where(total > 0, g_tail / safe, 0.5)
 
 
 def divergence_rows(

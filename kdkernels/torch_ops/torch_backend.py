@@ -6,7 +6,8 @@ temporaries whatever ``N``. It works in float32, or in float64 when an input is 
 
 Speed. The chunk functions follow the kernels: ``e_z = exp(z/T - max)`` and ``e_t = exp(t/T - max)`` are
 computed once and the row sums come from them (``F`` and ``R`` from centred sums, as in
-``kernels/forward.py``); ToDi's two sigmoids share one ``exp``. On large CPU inputs in float32 or 16-bit
+``kernels/forward.py``); ToDi's two sigmoids share one ``exp``; AKL's cut is the kernels' radix select
+(``akl_select.py``), not a sort. On large CPU inputs in float32 or 16-bit
 floats (at least ``COMPILE_MIN_ELEMENTS`` entries) the chunk functions run through ``torch.compile``, which
 fuses each into a few loops over the row. Shapes are static and the chunk has a fixed row count: the last
 chunk ends at row ``N`` and overlaps the one before it, so there is one compilation per set of options and
@@ -24,13 +25,15 @@ import warnings
 import torch
 
 from kdkernels.torch_ops import layout
-from kdkernels.torch_ops.reference import akl_weights, compute_dtype
+from kdkernels.torch_ops.akl_select import akl_weights_select
+from kdkernels.torch_ops.reference import compute_dtype
 
 CHUNK_ELEMENTS = 1 << 21  # entries of one (chunk, V) temporary on the eager path
 # Compiled chunks are larger (fewer calls and parallel regions per batch): inductor fuses the chunk functions
 # into loops that keep no (chunk, V) buffer, except ToDi's forward, which keeps three (3 x 32 MiB in float32).
 # Smaller inputs run eagerly, so test-sized calls never compile.
 COMPILED_CHUNK_ELEMENTS = COMPILE_MIN_ELEMENTS = 1 << 23
+AKL_CHUNK_DIVISOR = 8
 NEG_INF = float("-inf")
 _FAILED: set[str] = set()  # chunk functions whose compilation failed in this process
 
@@ -120,7 +123,7 @@ def forward_chunk(z, t, labels, divergence, ignore_index, temperature, akl_alpha
     if divergence == "akl":
         p = e_t / torch.where(s_t == 0, 1.0, s_t)[:, None]
         q = e_z / torch.where(s_z == 0, 1.0, s_z)[:, None]
-        cols[layout.R_HEAD], cols[layout.R_TAIL] = akl_weights(p, q, akl_alpha)
+        cols[layout.R_HEAD], cols[layout.R_TAIL] = akl_weights_select(t, p, q, akl_alpha)
         div = cols[layout.R_HEAD] * cols[layout.FKL] + cols[layout.R_TAIL] * cols[layout.RKL]
     if divergence == "todi":
         # From the inputs and the final log-sum-exps, as the kernels' second pass: compiled, this is one more
@@ -226,7 +229,9 @@ def kd_forward(
     loss = torch.empty(n_rows, dtype=dtype, device=z.device)
     stats = torch.empty((n_rows, layout.NUM_STATS), dtype=dtype, device=z.device)
     compiled = _use_compiled(z, t)
-    for lo, hi in _row_ranges(n_rows, chunk_rows(vocab, compiled), compiled):
+    # AKL's radix select keeps a few (chunk, V) buffers (keys, masses, ranks) even compiled: smaller chunks.
+    step = chunk_rows(vocab, compiled) // (AKL_CHUNK_DIVISOR if divergence == "akl" else 1)
+    for lo, hi in _row_ranges(n_rows, max(step, 1), compiled):
         lab = None if labels is None else labels[lo:hi]
         loss[lo:hi], stats[lo:hi] = _run(forward_chunk, compiled, z[lo:hi], t[lo:hi], lab, divergence,
                                          ignore_index, temperature, akl_alpha, todi_beta, kd_weight, ce_weight)
