@@ -214,11 +214,59 @@ def test_peak_memory_does_not_grow_with_tokens():
     assert fused_big - fused_small < 8, (fused_big, fused_small)
 
 
-def test_second_backward_fails_instead_of_scaling_twice():
-    """The backward scales the stored gradients in place; autograd's version check guards a second pass."""
+def test_second_backward_explains_itself():
+    """The gradients made in the forward go to the first backward; a second one says why it cannot run."""
     x = make_inputs(n=6)
     h = x["h"].clone().requires_grad_()
     loss = kd.fused_linear_kd_loss(h, x["w"], x["g"], x["u"], "fkl")
     loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="inplace"):
+    first = h.grad.clone()
+    with pytest.raises(RuntimeError, match=r"second backward through the same loss \(retain_graph=True\) is not "
+                                           r"supported: compute the loss again"):
         loss.backward()
+    torch.testing.assert_close(h.grad, first)  # nothing was added
+
+
+def test_second_backward_with_reduction_none():
+    """``reduction="none"`` recomputes in its backward, so a retained graph gives the same gradient twice."""
+    x = make_inputs(n=6)
+    h = x["h"].clone().requires_grad_()
+    loss = kd.fused_linear_kd_loss(h, x["w"], x["g"], x["u"], "fkl", reduction="none").sum()
+    (first,) = torch.autograd.grad(loss, h, retain_graph=True)
+    (second,) = torch.autograd.grad(loss, h)
+    torch.testing.assert_close(first, second)
+
+
+@pytest.mark.parametrize("teacher_logits", [False, True])
+def test_vocab_size_uses_first_rows_of_padded_heads(teacher_logits):
+    """Heads of 50 and 53 rows over one 47-token vocabulary: the loss of the first 47 rows, as views.
+
+    The padded rows (huge logits) would dominate every distribution if they were read; they get zero gradient.
+    """
+    x = make_inputs(n=9, bias=True, vocab=47)
+    pad = lambda t, rows: torch.cat([t, torch.full((rows, *t.shape[1:]), 50.0)])
+    w = pad(x["w"], 3).requires_grad_()
+    b = pad(x["b"], 3).requires_grad_()
+    u, c = pad(x["u"], 6), pad(x["c"], 6)
+    teacher = dict(teacher_logits=torch.nn.functional.linear(x["g"], u, c)) if teacher_logits else \
+        dict(teacher_hidden=x["g"], teacher_weight=u, teacher_bias=c)
+    loss = kd.fused_linear_kd_loss(x["h"], w, student_bias=b, labels=x["labels"], ce_weight=0.5, vocab_size=47,
+                                   **teacher)
+    loss.backward()
+    ref = kd.fused_linear_kd_loss(x["h"], x["w"], x["g"], x["u"], student_bias=x["b"], teacher_bias=x["c"],
+                                  labels=x["labels"], ce_weight=0.5)
+    torch.testing.assert_close(loss, ref)
+    assert w.grad[:47].abs().sum() > 0 and torch.equal(w.grad[47:], torch.zeros(3, 16))
+    assert torch.equal(b.grad[47:], torch.zeros(3))
+
+
+def test_vocab_size_is_named_and_checked():
+    x = make_inputs(n=4)
+    with pytest.raises(ValueError, match="pass vocab_size="):
+        _call(x, teacher_weight=torch.cat([x["u"], x["u"][:2]]))
+    with pytest.raises(ValueError, match="vocab_size=51 exceeds the 50 vocabulary entries of student_weight"):
+        _call(x, vocab_size=51)
+    with pytest.raises(TypeError, match="vocab_size"):
+        _call(x, vocab_size=4.0)
+    with pytest.raises(ValueError, match="vocab_size"):
+        _call(x, vocab_size=0)

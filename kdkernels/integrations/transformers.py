@@ -1,17 +1,24 @@
 """Hugging Face ``transformers`` causal LMs: distillation loss from last hidden states, no full logits.
 
-:func:`causal_lm_kd_loss` runs the body of a student and a teacher causal LM (``model.get_decoder()``) to
-their last hidden states and applies :func:`kdkernels.fused_linear_kd_loss` with each model's output
-embedding (``model.get_output_embeddings()``: weight ``(V, H)``, bias if any) after the causal shift:
-position ``i`` predicts token ``i + 1``. This equals distilling ``model(...).logits`` only when the logits
-are exactly ``hidden @ weight.T + bias``; models that change them afterwards (final logit soft-capping,
-a logit scale or multiplier) are refused with a ``ValueError`` instead of silently changing the objective.
-``transformers`` is needed (``pip install kdkernels[transformers]``) and imported on the first call.
+:func:`causal_lm_kd_loss` runs the teacher, then the student, each through its own ``forward`` on the batch's
+model inputs, with the output layer (``model.get_output_embeddings()``: weight ``(V, H)``, bias if any)
+replaced for that one call: the teacher's hands back its last hidden states, and the student's computes
+:func:`kdkernels.fused_linear_kd_loss` from the student's and the teacher's hidden states after the causal
+shift (position ``i`` predicts token ``i + 1``). Running the student's own ``forward``, through any
+``DistributedDataParallel`` or ``FullyShardedDataParallel`` wrapper, keeps what the wrapper does there:
+DDP's gradient synchronisation, FSDP's gathering of the sharded output weight around the loss.
+
+This equals distilling ``model(...).logits`` only when the logits are exactly ``hidden @ weight.T + bias``;
+models that change them afterwards (final logit soft-capping, a logit scale or multiplier) are refused with a
+``ValueError`` instead of silently changing the objective. ``transformers`` is needed
+(``pip install kdkernels[transformers]``) and imported on the first call.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import inspect
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -53,25 +60,69 @@ def _check_plain_logits(name: str, model) -> None:
                 )
 
 
-def _body_and_head(name: str, model) -> tuple[torch.nn.Module, torch.nn.Linear]:
-    """The module producing the last hidden states and the output layer of a causal LM."""
-    if not isinstance(model, _pretrained_model_class()):
-        raise TypeError(f"{name} must be a transformers PreTrainedModel, got {type(model).__name__}")
-    _check_plain_logits(name, model)
+def _unwrap(name: str, model: torch.nn.Module):
+    """The ``PreTrainedModel`` inside DDP / FSDP (or DeepSpeed) wrappers, which hold it as ``.module``."""
+    pretrained = _pretrained_model_class()
+    inner = model
+    while not isinstance(inner, pretrained) and isinstance(getattr(inner, "module", None), torch.nn.Module):
+        if isinstance(inner, torch.nn.DataParallel):
+            raise TypeError(f"{name}: torch.nn.DataParallel is not supported; use DistributedDataParallel "
+                            "(one process per device, e.g. torchrun)")
+        inner = inner.module
+    if not isinstance(inner, pretrained):
+        raise TypeError(f"{name} must be a transformers PreTrainedModel (or a DDP/FSDP wrapper of one), "
+                        f"got {type(model).__name__}")
+    _check_plain_logits(name, inner)
+    return inner
+
+
+def _output_layer(name: str, model) -> torch.nn.Linear:
     head = model.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear):
         raise TypeError(f"{name}.get_output_embeddings() must be a torch.nn.Linear, got {type(head).__name__}")
-    body = model.get_decoder() if hasattr(model, "get_decoder") else None
-    if body is None or body is model:
-        body = model.base_model
-    if body is model:
-        raise TypeError(f"{name}: cannot find the body of {type(model).__name__} (get_decoder / base_model)")
-    return body, head
+    return head
 
 
-def _last_hidden(body: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
-    out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    return out[0]
+def _check_unsharded(model: torch.nn.Module) -> None:
+    """The teacher's output weight is read outside its forward, so it must be a whole, ordinary tensor."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()) or \
+            any(isinstance(p, DTensor) for p in model.parameters()):
+        raise TypeError("teacher: sharded (FSDP or tensor-parallel) teachers are not supported; keep a full copy "
+                        "of the teacher on each rank (only the student may be DDP- or FSDP-wrapped)")
+
+
+def model_inputs(model: torch.nn.Module, batch: Mapping) -> dict:
+    """The entries of ``batch`` that ``model.forward`` accepts, ``labels`` excepted.
+
+    A forward with ``**kwargs`` (every recent ``transformers`` causal LM) gets every entry, as from a
+    ``Trainer``: ``position_ids`` and the flash-attention lengths of packed batches (``DataCollatorWithFlattening``)
+    included. ``use_cache=False`` is added when the forward takes it.
+    """
+    params = inspect.signature(model.forward).parameters
+    any_keyword = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    inputs = {key: value for key, value in batch.items() if key != "labels" and (any_keyword or key in params)}
+    if "use_cache" in params:
+        inputs["use_cache"] = False
+    return inputs
+
+
+@contextlib.contextmanager
+def _output_layer_replaced(head: torch.nn.Module, forward: Callable[[torch.Tensor], torch.Tensor]):
+    """Inside the block, calling ``head`` runs ``forward`` (the hooks around a module's forward still run)."""
+    saved = head.__dict__.get("forward")
+    head.forward = forward
+    try:
+        yield
+    finally:
+        if saved is None:
+            del head.forward
+        else:
+            head.forward = saved
 
 
 def shifted_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -88,6 +139,12 @@ def shifted_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor | None 
     return torch.where(keep, target, IGNORE_INDEX)
 
 
+def _check_hidden(name: str, hidden: torch.Tensor, input_ids: torch.Tensor) -> None:
+    if hidden.shape[:-1] != input_ids.shape:
+        raise ValueError(f"{name}: the output layer received hidden states of shape {tuple(hidden.shape)}, not one "
+                         f"per input position {tuple(input_ids.shape)}; do not pass logits_to_keep")
+
+
 def causal_lm_kd_loss(
     student: torch.nn.Module,
     teacher: torch.nn.Module,
@@ -102,42 +159,77 @@ def causal_lm_kd_loss(
     ce_weight: float = 0.0,
     backend: str = "auto",
     chunk_size: int | None = None,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
     """Distillation loss of two causal LMs on a batch, through the fused output layer.
 
     Args:
-        student, teacher: ``transformers`` causal LMs with the same vocabulary size ``V`` (hidden sizes may
-            differ). The teacher runs under ``torch.no_grad()``; its output weight is detached.
+        student: a ``transformers`` causal LM, or a ``DistributedDataParallel`` / ``FullyShardedDataParallel``
+            wrapper of one (as ``Trainer.compute_loss`` receives it): it runs through the wrapper's forward.
+        teacher: a ``transformers`` causal LM over the same vocabulary (its hidden size may differ), unsharded;
+            it runs under ``torch.no_grad()`` and its output weight is a constant.
         batch: mapping with ``input_ids`` ``(B, S)``, optional ``attention_mask`` ``(B, S)`` and ``labels``
-            ``(B, S)`` (``-100`` where unlabelled; ``input_ids`` when absent), as a ``Trainer`` passes it.
+            ``(B, S)`` (``-100`` where unlabelled; ``input_ids`` when absent), as a ``Trainer`` passes it. Every
+            other entry the models' forwards accept goes to them too (see :func:`model_inputs`), e.g. the
+            ``position_ids`` of packed sequences.
         divergence and the other keywords: as in :func:`kdkernels.fused_linear_kd_loss`; rows are the
             ``B * (S - 1)`` shifted positions, those whose target is ignored (see :func:`shifted_labels`)
             count 0 and get no gradient. ``ce_weight`` adds the usual next-token cross-entropy.
+        num_items_in_batch: with ``reduction="mean"``, divide the sum over the kept positions by this count
+            instead of by their number: ``Trainer`` passes the kept positions of all the micro-batches of a
+            gradient-accumulation step, so that their sum is the mean over the whole step.
+        vocab_size: use the first ``vocab_size`` rows of each output layer (views): for heads padded to
+            different sizes over one tokenizer (Qwen2.5: 151936 and 152064). Default: the sizes must match.
 
     Returns the float32 loss (``(B, S - 1)`` for ``reduction="none"``); its gradient reaches every student
     parameter, the output layer included.
 
     Raises ``ValueError`` for models whose logits are not ``hidden @ weight.T + bias`` (soft-capping, logit
-    scale) and for different vocabulary sizes, ``TypeError`` for models without a linear output layer.
+    scale) and for different vocabulary sizes without ``vocab_size``; ``TypeError`` for models without a
+    linear output layer, ``DataParallel`` students and sharded teachers.
     """
-    s_body, s_head = _body_and_head("student", student)
-    t_body, t_head = _body_and_head("teacher", teacher)
-    if s_head.weight.shape[0] != t_head.weight.shape[0]:
-        raise ValueError(
-            f"student vocabulary size {s_head.weight.shape[0]} != teacher vocabulary size "
-            f"{t_head.weight.shape[0]}: the fused loss compares distributions over one vocabulary"
-        )
+    inner, t_model = _unwrap("student", student), _unwrap("teacher", teacher)
+    s_head, t_head = _output_layer("student", inner), _output_layer("teacher", t_model)
+    _check_unsharded(t_model)
     if "input_ids" not in batch:
         raise ValueError("batch must contain 'input_ids'")
-    input_ids, attention_mask = batch["input_ids"], batch.get("attention_mask")
-    labels = shifted_labels(input_ids, attention_mask, batch.get("labels"))
-    student_hidden = _last_hidden(s_body, input_ids, attention_mask)[:, :-1]
-    with torch.no_grad():
-        teacher_hidden = _last_hidden(t_body, input_ids, attention_mask)[:, :-1]
-    teacher_bias = None if t_head.bias is None else t_head.bias.detach()
-    return fused_linear_kd_loss(
-        student_hidden, s_head.weight, teacher_hidden, t_head.weight.detach(), divergence,
-        student_bias=s_head.bias, teacher_bias=teacher_bias, labels=labels, ignore_index=IGNORE_INDEX,
-        temperature=temperature, reduction=reduction, akl_alpha=akl_alpha, todi_beta=todi_beta,
-        kd_weight=kd_weight, ce_weight=ce_weight, backend=backend, chunk_size=chunk_size,
-    )
+    if num_items_in_batch is not None and reduction != "mean":
+        raise ValueError(f"num_items_in_batch divides the sum as the mean's count; reduction must be 'mean', "
+                         f"got {reduction!r}")
+    input_ids = batch["input_ids"]
+    labels = shifted_labels(input_ids, batch.get("attention_mask"), batch.get("labels"))
+    captured = []
+
+    def keep_hidden(hidden: torch.Tensor) -> torch.Tensor:
+        """The teacher's output layer for this call: its last hidden states pass through, recorded."""
+        captured.append(hidden)
+        return hidden
+
+    with torch.no_grad(), _output_layer_replaced(t_head, keep_hidden):
+        t_model(**model_inputs(t_model, batch))
+    (teacher_hidden,) = captured
+    _check_hidden("teacher", teacher_hidden, input_ids)
+
+    def fused_loss(hidden: torch.Tensor) -> torch.Tensor:
+        """The student's output layer for this call: reads its weight here, where FSDP has gathered it."""
+        _check_hidden("student", hidden, input_ids)
+        s_vocab, t_vocab = s_head.weight.shape[0], t_head.weight.shape[0]
+        if vocab_size is None and s_vocab != t_vocab:
+            raise ValueError(
+                f"student vocabulary size {s_vocab} != teacher vocabulary size {t_vocab}: the fused loss compares "
+                f"distributions over one vocabulary; if both heads are padded over one tokenizer, pass "
+                f"vocab_size={min(s_vocab, t_vocab)} to use the first rows of each"
+            )
+        teacher_bias = None if t_head.bias is None else t_head.bias.detach()
+        return fused_linear_kd_loss(
+            hidden[:, :-1], s_head.weight, teacher_hidden[:, :-1], t_head.weight.detach(), divergence,
+            student_bias=s_head.bias, teacher_bias=teacher_bias, labels=labels, ignore_index=IGNORE_INDEX,
+            temperature=temperature, reduction="sum" if num_items_in_batch is not None else reduction,
+            akl_alpha=akl_alpha, todi_beta=todi_beta, kd_weight=kd_weight, ce_weight=ce_weight, backend=backend,
+            chunk_size=chunk_size, vocab_size=vocab_size,
+        )
+
+    with _output_layer_replaced(s_head, fused_loss):
+        loss = student(**model_inputs(inner, batch))[0]  # the "logits": what fused_loss returned
+    return loss if num_items_in_batch is None else loss / num_items_in_batch

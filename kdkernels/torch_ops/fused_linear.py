@@ -13,9 +13,10 @@ row's share ``s_i = d loss / d row_i`` (1 for ``"sum"``, ``1 / kept rows`` for `
 ``dz``, then ``dL/dh = dz W``, ``dL/dW += dz^T h``, ``dL/db += sum_i dz_i``. The chunk's logits and
 ``dz`` are freed before the next chunk, so beyond the inputs and their gradients the memory is a few
 ``(chunk, V)`` buffers, whatever ``N``. As in Liger's fused linear losses the gradients are computed in the
-forward and the backward only multiplies them by ``grad_output``. With ``reduction="none"`` each row has its
-own ``grad_output``, unknown in the forward: then the forward keeps only its inputs and the backward
-recomputes every chunk (twice the matrix products).
+forward and the backward only multiplies them by ``grad_output``, once: a second backward through the same
+loss raises an error that says so. With ``reduction="none"`` each row has its own ``grad_output``, unknown in
+the forward: then the forward keeps only its inputs and the backward recomputes every chunk (twice the matrix
+products), so it can run again.
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ from kdkernels.torch_ops.op import kd_backward, kd_forward
 FUSED_BACKENDS = ("auto", "torch", "triton")
 CHUNK_ELEMENTS = 1 << 24  # most logits entries of one chunk (64 MiB in float32)
 MIN_CHUNK_ROWS = 256
+VOCAB_HINT = "for heads padded to different sizes over one tokenizer, pass vocab_size= to use the first rows of each"
+SECOND_BACKWARD = (
+    "fused_linear_kd_loss computes its gradients during the forward and hands them to the first backward only, "
+    "so a second backward through the same loss (retain_graph=True) is not supported: compute the loss again "
+    "before each backward, or use reduction='none' (its backward recomputes the logits) and reduce the rows yourself"
+)
 
 
 def auto_chunk_size(vocab: int, hidden: int) -> int:
@@ -115,8 +122,7 @@ class _FusedLinearKD(torch.autograd.Function):
             ctx.save_for_backward(h, weight, bias, g, t_weight, t_bias, t_logits, labels)
             return rows
         shares = _row_shares(h.shape[0], labels, ignore_index, reduction, h.device) if any(needs) else None
-        rows, grads = _sweep(student, teacher, labels, opts, shares, needs)
-        ctx.save_for_backward(*(grads or (None, None, None)))
+        rows, ctx.grads = _sweep(student, teacher, labels, opts, shares, needs)
         return reduce_rows(rows, labels, ignore_index, reduction, rows.shape)
 
     @staticmethod
@@ -126,9 +132,11 @@ class _FusedLinearKD(torch.autograd.Function):
             _, grads = _sweep((h, weight, bias), (g, t_weight, t_bias, t_logits), labels, ctx.opts,
                               grad_output.to(torch.float32), ctx.needs)
         else:
-            # In place: no second copy of dW. A second backward through the graph would then fail
-            # autograd's saved-tensor version check instead of scaling twice.
-            grads = tuple(None if x is None else x.mul_(grad_output.to(x.dtype)) for x in ctx.saved_tensors)
+            # The gradients made in the forward are handed over once and scaled in place (no second copy of dW).
+            if ctx.grads is None:
+                raise RuntimeError(SECOND_BACKWARD)
+            grads, ctx.grads = ctx.grads, None
+            grads = tuple(None if x is None else x.mul_(grad_output.to(x.dtype)) for x in grads)
         return (*grads, None, None, None, None, None, None, None)
 
 
@@ -155,6 +163,25 @@ def _check_hidden(name: str, hidden: object, weight_name: str, weight: torch.Ten
         raise TypeError(f"{name} dtype {hidden.dtype} must match {weight_name} dtype {weight.dtype}")
 
 
+def _first_entries(vocab_size: object, w, b, u, c, t_logits) -> tuple:
+    """The first ``vocab_size`` vocabulary entries of the weights, biases and teacher logits, as views."""
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
+        raise TypeError(f"vocab_size must be an int or None, got {type(vocab_size).__name__}")
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+    _check_weight("student_weight", w, "student_bias", b)
+    if u is not None:
+        _check_weight("teacher_weight", u, "teacher_bias", c)
+    if t_logits is not None:
+        validate.check_logits("teacher_logits", t_logits)
+    for name, size in (("student_weight", w.shape[0]), ("teacher_weight", None if u is None else u.shape[0]),
+                       ("teacher_logits", None if t_logits is None else t_logits.shape[-1])):
+        if size is not None and size < vocab_size:
+            raise ValueError(f"vocab_size={vocab_size} exceeds the {size} vocabulary entries of {name}")
+    first = lambda x: None if x is None else x[:vocab_size]
+    return first(w), first(b), first(u), first(c), None if t_logits is None else t_logits[..., :vocab_size]
+
+
 def _check_inputs(h, w, b, g, u, c, t_logits) -> torch.Tensor:
     """All shape/dtype/device checks; returns the tensor standing for the teacher in backend checks."""
     _check_weight("student_weight", w, "student_bias", b)
@@ -166,7 +193,8 @@ def _check_inputs(h, w, b, g, u, c, t_logits) -> torch.Tensor:
                              "not both")
         validate.check_logits("teacher_logits", t_logits)
         if tuple(t_logits.shape) != (*lead, vocab):
-            raise ValueError(f"teacher_logits must have shape {(*lead, vocab)}, got {tuple(t_logits.shape)}")
+            raise ValueError(f"teacher_logits must have shape {(*lead, vocab)}, got {tuple(t_logits.shape)} "
+                             f"({VOCAB_HINT})")
         teacher = {"teacher_logits": t_logits}
     else:
         if g is None or u is None:
@@ -175,7 +203,7 @@ def _check_inputs(h, w, b, g, u, c, t_logits) -> torch.Tensor:
         _check_hidden("teacher_hidden", g, "teacher_weight", u)
         if u.shape[0] != vocab:
             raise ValueError(f"teacher_weight has vocabulary {u.shape[0]} but student_weight has {vocab}; "
-                             "the vocabularies must match")
+                             f"the vocabularies must match ({VOCAB_HINT})")
         if tuple(g.shape[:-1]) != lead:
             raise ValueError(f"teacher_hidden leading shape {tuple(g.shape[:-1])} must match student_hidden's {lead}")
         teacher = {"teacher_hidden": g, "teacher_weight": u, "teacher_bias": c}
@@ -208,6 +236,7 @@ def fused_linear_kd_loss(
     ce_weight: float = 0.0,
     backend: str = "auto",
     chunk_size: int | None = None,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
     """``kd_loss(student_hidden @ student_weight.T + student_bias, teacher logits, ...)`` without full logits.
 
@@ -223,8 +252,13 @@ def fused_linear_kd_loss(
             recomputes the logits, so it costs twice the matrix products).
         backend: ``"auto"`` (Triton on CUDA, torch on CPU), ``"torch"`` or ``"triton"``.
         chunk_size: token rows per chunk; default :func:`auto_chunk_size` of ``V`` and the larger hidden size.
+        vocab_size: use only the first ``vocab_size`` rows of both weights and biases (columns of
+            ``teacher_logits``), as views, no copies: for heads padded to different sizes over one tokenizer
+            (Qwen2.5: 151936 and 152064 rows). Labels must be below it. Default: all rows (they must match).
 
     Returns the float32 loss. Memory beyond inputs and gradients is a few ``(chunk_size, V)`` buffers.
+    The gradients are made during the forward and handed to the first backward; a second backward through
+    the same loss (``retain_graph=True``) raises, except with ``reduction="none"``.
 
     Example::
 
@@ -236,6 +270,8 @@ def fused_linear_kd_loss(
     """
     h, w, b, g, u, c, t_logits = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                                   teacher_bias, teacher_logits)
+    if vocab_size is not None:
+        w, b, u, c, t_logits = _first_entries(vocab_size, w, b, u, c, t_logits)
     teacher_ref = _check_inputs(h, w, b, g, u, c, t_logits)
     validate.check_loss_options(divergence, reduction, temperature, akl_alpha, todi_beta, kd_weight, ce_weight)
     validate.check_labels(labels, h, ignore_index)
@@ -283,6 +319,7 @@ class FusedLinearKDLoss(torch.nn.Module):
         ce_weight: float = 0.0,
         backend: str = "auto",
         chunk_size: int | None = None,
+        vocab_size: int | None = None,
     ):
         super().__init__()
         validate.check_loss_options(divergence, reduction, temperature, akl_alpha, todi_beta, kd_weight, ce_weight)
@@ -290,7 +327,7 @@ class FusedLinearKDLoss(torch.nn.Module):
         self.divergence = divergence
         self.options = dict(ignore_index=ignore_index, temperature=temperature, reduction=reduction,
                             akl_alpha=akl_alpha, todi_beta=todi_beta, kd_weight=kd_weight, ce_weight=ce_weight,
-                            backend=backend, chunk_size=chunk_size)
+                            backend=backend, chunk_size=chunk_size, vocab_size=vocab_size)
 
     def forward(
         self,
