@@ -5,7 +5,13 @@ import math
 import pytest
 import torch
 
-from kdkernels.torch_ops.reference import DIVERGENCES, akl_weights, divergence_rows, kd_loss_reference
+from kdkernels.torch_ops.reference import (
+    DIVERGENCES,
+    akl_weights,
+    cross_entropy_rows,
+    divergence_rows,
+    kd_loss_reference,
+)
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
@@ -93,3 +99,15 @@ def test_mean_over_kept_rows_and_all_ignored_batch():
     none_kept = kd_loss_reference(z, t, "fkl", labels=torch.full((3,), -100))
     none_kept.backward()
     assert none_kept.item() == 0.0 and torch.equal(z.grad, torch.zeros_like(z))
+
+
+def test_cross_entropy_by_hand():
+    """CE = logsumexp(z) - z[label]: +inf at a -inf logit, NaN for labels outside [0, V) (as the kernels; the
+    reference used to raise IndexError), and the same for int32 labels."""
+    z = torch.tensor([[1.0, 2.0, float("-inf")]] * 4, dtype=torch.float64)
+    lse = math.log(math.e + math.e**2)
+    for dtype in (torch.int64, torch.int32):
+        ce = cross_entropy_rows(z, torch.tensor([1, 2, 3, -1], dtype=dtype), torch.float64)
+        assert ce[0].item() == pytest.approx(lse - 2.0, rel=1e-12)
+        assert ce[1].item() == float("inf")
+        assert torch.isnan(ce[2:]).all()

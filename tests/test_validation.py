@@ -116,10 +116,32 @@ def test_temperature_not_positive_or_not_finite(temperature):
     check(ValueError, ["temperature"], logits(N, V), logits(N, V), temperature=temperature)
 
 
-@pytest.mark.parametrize("temperature", ["2.0", torch.tensor(2.0), None])
+@pytest.mark.parametrize(
+    "temperature", ["2.0", torch.tensor([2.0]), torch.tensor(True), torch.tensor(2 + 0j), None, 2 + 0j]
+)
 def test_temperature_not_a_number(temperature):
-    """temperature given as a string, a tensor or None: TypeError naming temperature."""
+    """temperature given as a string, a tensor that is not a 0-dim real number, a complex number or None:
+    TypeError naming temperature."""
     check(TypeError, ["temperature"], logits(N, V), logits(N, V), temperature=temperature)
+
+
+@pytest.mark.parametrize("name", ["temperature", "akl_alpha", "todi_beta", "kd_weight", "ce_weight"])
+def test_option_tensor_on_a_device(name):
+    """A 0-dim tensor on a device (meta stands in for CUDA) is refused: reading it would be a host sync."""
+    check(TypeError, [name, "synchronise", "Python float"], logits(N, V), logits(N, V), "akl",
+          labels=torch.zeros(N, dtype=torch.long), **{name: torch.tensor(0.5, device="meta")})
+
+
+def test_option_tensor_requiring_grad():
+    """A 0-dim tensor that requires grad is refused: the loss has no gradient for the option."""
+    check(ValueError, ["temperature", "detach"], logits(N, V), logits(N, V),
+          temperature=torch.tensor(2.0, requires_grad=True))
+
+
+@pytest.mark.parametrize("temperature", [torch.tensor(0.0), torch.tensor(float("nan")), torch.tensor(-1)])
+def test_option_tensor_values_checked(temperature):
+    """A 0-dim tensor's value is checked like a float's."""
+    check(ValueError, ["temperature"], logits(N, V), logits(N, V), temperature=temperature)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 1.0, -0.1, 1.5, float("nan")])

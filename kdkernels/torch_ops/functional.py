@@ -52,7 +52,9 @@ def kd_loss(
         teacher_logits: ``(..., V)``, same shape and device, any of those dtypes; must not require grad.
         divergence: ``"fkl"`` KL(p||q), ``"rkl"`` KL(q||p), ``"akl"`` adaptive KL, ``"todi"`` token-wise.
         labels: optional ``(...)`` integer tensor; rows equal to ``ignore_index`` count 0 and get no gradient.
-        temperature: divides both logits; no ``T**2`` factor is applied.
+        temperature: divides both logits; no ``T**2`` factor is applied. This and the other float options
+            take Python or NumPy numbers, or 0-dim CPU tensors outside ``torch.compile`` (not CUDA tensors:
+            reading one would synchronise with the device).
         reduction: ``"mean"`` over kept rows (0 if none), ``"sum"``, or ``"none"`` (float32, shape ``(...)``).
         akl_alpha: AKL tail mass in (0, 1). todi_beta: ToDi sigmoid slope (> 0).
         kd_weight, ce_weight: ``row = kd_weight * divergence + ce_weight * CE(student_logits, labels)``,
@@ -67,7 +69,9 @@ def kd_loss(
         loss.backward()
     """
     validate.check_pair(student_logits, teacher_logits)
-    validate.check_loss_options(divergence, reduction, temperature, akl_alpha, todi_beta, kd_weight, ce_weight)
+    temperature, akl_alpha, todi_beta, kd_weight, ce_weight = validate.check_loss_options(
+        divergence, reduction, temperature, akl_alpha, todi_beta, kd_weight, ce_weight
+    )
     validate.check_labels(labels, student_logits, ignore_index)
     validate.check_ce(ce_weight, labels)
     backend = validate.resolve_backend(backend, student_logits, teacher_logits)
@@ -84,8 +88,8 @@ def kd_loss(
     t = t if t.stride(-1) == 1 else t.contiguous()
     # The kernels index labels by row, so they too must be contiguous (a strided view is copied).
     flat_labels = None if labels is None else labels.reshape(-1).to(torch.int64).contiguous()
-    rows, _ = kd_forward(z, t, flat_labels, divergence, ignore_index, float(temperature), float(akl_alpha),
-                         float(todi_beta), float(kd_weight), float(ce_weight), backend)
+    rows, _ = kd_forward(z, t, flat_labels, divergence, ignore_index, temperature, akl_alpha, todi_beta, kd_weight,
+                         ce_weight, backend)
     return reduce_rows(rows, flat_labels, ignore_index, reduction, student_logits.shape[:-1])
 
 

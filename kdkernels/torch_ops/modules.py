@@ -11,7 +11,8 @@ from kdkernels.torch_ops.functional import kd_loss
 class KDLoss(torch.nn.Module):
     """``KDLoss(divergence="todi", temperature=2.0)(student_logits, teacher_logits, labels=None)``.
 
-    Takes the keywords of :func:`kdkernels.kd_loss` (checked here, once) and applies them on each call.
+    Takes the keywords of :func:`kdkernels.kd_loss` (checked here, once, and the float options stored as Python
+    floats) and applies them on each call.
     """
 
     def __init__(
@@ -28,7 +29,9 @@ class KDLoss(torch.nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        validate.check_loss_options(divergence, reduction, temperature, akl_alpha, todi_beta, kd_weight, ce_weight)
+        temperature, akl_alpha, todi_beta, kd_weight, ce_weight = validate.check_loss_options(
+            divergence, reduction, temperature, akl_alpha, todi_beta, kd_weight, ce_weight
+        )
         validate.check_choice("backend", backend, validate.BACKENDS)
         self.divergence = divergence
         self.options = dict(ignore_index=ignore_index, temperature=temperature, reduction=reduction,

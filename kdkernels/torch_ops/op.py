@@ -5,6 +5,10 @@ stride over the vocabulary, and ``kd_backward(grad_rows, z, t, labels, stats, ..
 dispatching to the Triton kernels or the torch backend. Being ``torch.library`` custom ops with fake
 implementations, they trace under ``torch.compile(fullgraph=True)`` without graph breaks. The reduction
 over rows happens outside, in ``functional.py``, so the backward always gets one gradient per row.
+
+The float options are ``float`` in the ops' schemas, so ``torch.compile`` specialises a graph to their values:
+each new value of a temperature or weight schedule compiles one more graph. The backward is first-order only:
+with ``create_graph=True`` it raises :data:`SECOND_DERIVATIVE` at once.
 """
 
 from __future__ import annotations
@@ -12,6 +16,12 @@ from __future__ import annotations
 import torch
 
 from kdkernels.torch_ops import layout, torch_backend
+
+SECOND_DERIVATIVE = (
+    "kdkernels computes the gradient of its loss analytically and has no second derivative, so its backward "
+    "cannot run with create_graph=True (double backward, e.g. a gradient penalty or torch.autograd.grad "
+    "with create_graph=True): leave create_graph off, or use backend='reference', which autograd differentiates"
+)
 
 
 def _backend_module(backend: str):
@@ -84,6 +94,9 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, grad_stats):
+    # Autograd enables grad mode in a backward only for create_graph=True, i.e. to differentiate the gradient.
+    if torch.is_grad_enabled():
+        raise RuntimeError(SECOND_DERIVATIVE)
     z, t, labels, stats = ctx.saved_tensors
     dz = kd_backward(grad_loss, z, t, labels, stats, *ctx.options)
     return dz, None, None, None, None, None, None, None, None, None, None

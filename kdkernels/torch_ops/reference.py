@@ -19,7 +19,6 @@ The loss is not multiplied by ``T**2``.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 DIVERGENCES = ("fkl", "rkl", "akl", "todi")
 REDUCTIONS = ("mean", "sum", "none")
@@ -96,6 +95,18 @@ def divergence_rows(
     raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
 
 
+def cross_entropy_rows(z: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Row cross-entropies ``logsumexp(z) - z[label]`` ``(N,)`` of raw logits ``z`` ``(N, V)`` (temperature 1).
+
+    A label outside ``[0, V)`` gives NaN (as in the kernels; ``F.cross_entropy`` would raise), one that points
+    at a ``-inf`` logit gives ``+inf``.
+    """
+    z = z.to(dtype)
+    valid = (labels >= 0) & (labels < z.shape[-1])
+    picked = z.gather(-1, torch.where(valid, labels, 0)[:, None])[:, 0]
+    return torch.logsumexp(z, dim=-1) - torch.where(valid, picked, float("nan"))
+
+
 def kd_loss_reference(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -113,18 +124,22 @@ def kd_loss_reference(
     """The full loss of SPEC §3 on logits of shape ``(..., V)``, differentiable by autograd.
 
     ``row = kd_weight * divergence + ce_weight * CE(z, label)`` (CE at temperature 1); rows whose label is
-    ``ignore_index`` count 0. ``"mean"`` divides by the number of kept rows (0 when there are none).
+    ``ignore_index`` count 0 and get gradient 0, whatever their logits hold. ``"mean"`` divides by the number
+    of kept rows (0 when there are none). Labels may have any integer dtype.
     """
     vocab = student_logits.shape[-1]
     z = student_logits.reshape(-1, vocab)
     t = teacher_logits.reshape(-1, vocab)
+    if labels is not None:
+        flat = labels.reshape(-1).to(torch.int64)
+        keep = flat != ignore_index
+        # Zeros stand in for the ignored rows' logits (which may be NaN padding), so autograd never sees them.
+        z = torch.where(keep[:, None], z, 0.0)
+        t = torch.where(keep[:, None], t, 0.0)
     rows = kd_weight * divergence_rows(z, t, divergence, temperature, akl_alpha, todi_beta)
     if labels is not None:
-        flat = labels.reshape(-1)
-        keep = flat != ignore_index
         if ce_weight != 0.0:
-            ce = F.cross_entropy(z.to(rows.dtype), flat, ignore_index=ignore_index, reduction="none")
-            rows = rows + ce_weight * ce
+            rows = rows + ce_weight * cross_entropy_rows(z, flat, rows.dtype)
         rows = torch.where(keep, rows, 0.0)
         count = keep.sum()
     else:

@@ -1,13 +1,15 @@
 """Argument checks of the public API: each raises ``TypeError``/``ValueError`` naming the argument.
 
-They read only Python-level metadata (shapes, dtypes, devices, flags), never tensor values, so they cost no
-host synchronisation and are traced away by ``torch.compile``.
+They read only Python-level metadata (shapes, dtypes, devices, flags) and Python numbers, never the values of
+the logits or labels, so they cost no host synchronisation and are traced away by ``torch.compile``. The one
+tensor they may read is a 0-dim CPU tensor given for a float option (see :func:`check_number`).
 """
 
 from __future__ import annotations
 
-import math
+import numbers
 import os
+import sys
 
 import torch
 
@@ -26,15 +28,45 @@ def check_logits(name: str, x: object) -> None:
         raise ValueError(f"{name} must have shape (..., V) with V >= 1, got {tuple(x.shape)}")
 
 
-def check_number(name: str, value: object, *, low: float | None = None, high: float | None = None) -> None:
-    """A finite real number, optionally inside the open interval (low, high)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    if not math.isfinite(value):
+def check_number(name: str, value: object, *, low: float | None = None, high: float | None = None) -> float:
+    """``value`` as a float, checked finite and, when bounds are given, inside the open interval (low, high).
+
+    Takes a Python int or float, a NumPy scalar, or a 0-dim CPU tensor (read here: no device is involved). A CUDA
+    tensor is refused, as reading it would be a host synchronisation. Under ``torch.compile`` only Python numbers
+    are taken: Dynamo traces NumPy scalars and tensors as tensors, whose value cannot be read without a graph break.
+
+    The checks are comparisons, not ``math.isfinite``, so they also run on the symbolic float that
+    ``torch.compile`` makes of a value that changes between calls (a temperature schedule, ``dynamic=True``).
+    """
+    if isinstance(value, torch.Tensor) and not torch.compiler.is_compiling():
+        value = _tensor_number(name, value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"{name} must be a float (a Python or NumPy number or a 0-dim CPU tensor; a Python number under "
+            f"torch.compile), got {type(value).__name__}"
+        )
+    value = torch.sym_float(value)
+    if not -sys.float_info.max <= value <= sys.float_info.max:  # False for NaN and +-inf
         raise ValueError(f"{name} must be finite, got {value}")
-    if (low is not None and value <= low) or (high is not None and value >= high):
+    if (low is not None and not low < value) or (high is not None and not value < high):
         bounds = f"> {low}" if high is None else f"in ({low}, {high})"
         raise ValueError(f"{name} must be {bounds}, got {value}")
+    return value
+
+
+def _tensor_number(name: str, value: torch.Tensor) -> object:
+    """The Python number held by a 0-dim CPU tensor given for a float option (see :func:`check_number`)."""
+    if value.dim() != 0:
+        raise TypeError(f"{name} must be a float or a 0-dim tensor, got a tensor of shape {tuple(value.shape)}")
+    if value.device.type != "cpu":
+        raise TypeError(
+            f"{name} is a tensor on {value.device}: reading it would synchronise with the device; pass a Python float"
+        )
+    if value.requires_grad:
+        raise ValueError(f"{name} requires grad, but the loss has no gradient for it: pass a float or .detach()")
+    if value.dtype.is_complex or value.dtype == torch.bool:
+        raise TypeError(f"{name} must be a real number, got a {value.dtype} tensor")
+    return float(value)  # a CPU tensor: a memory read, no device synchronisation
 
 
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
@@ -85,14 +117,17 @@ def check_loss_options(
     todi_beta: object,
     kd_weight: object,
     ce_weight: object,
-) -> None:
+) -> tuple[float, float, float, float, float]:
+    """Check the options; returns ``(temperature, akl_alpha, todi_beta, kd_weight, ce_weight)`` as floats."""
     check_choice("divergence", divergence, DIVERGENCES)
     check_choice("reduction", reduction, REDUCTIONS)
-    check_number("temperature", temperature, low=0.0)
-    check_number("akl_alpha", akl_alpha, low=0.0, high=1.0)
-    check_number("todi_beta", todi_beta, low=0.0)
-    check_number("kd_weight", kd_weight)
-    check_number("ce_weight", ce_weight)
+    return (
+        check_number("temperature", temperature, low=0.0),
+        check_number("akl_alpha", akl_alpha, low=0.0, high=1.0),
+        check_number("todi_beta", todi_beta, low=0.0),
+        check_number("kd_weight", kd_weight),
+        check_number("ce_weight", ce_weight),
+    )
 
 
 def check_ce(ce_weight: float, labels: torch.Tensor | None) -> None:
