@@ -1,16 +1,20 @@
 """The benchmark loop: for each configuration and divergence, time, peak memory and error of each provider.
 
 Per provider: ``warmup`` calls of forward + backward (the first is reported as ``first_call_s``: it includes
-any compilation), then ``repeats`` timed calls, the providers taking turns so that a busy machine slows them
-alike; forward, backward and forward + backward are the medians. One more call measures the peak memory
+any compilation, and the progress display says so while it runs), then ``repeats`` timed calls, the providers
+taking turns so that a busy machine slows them alike; forward, backward and forward + backward are the medians,
+and the fastest and slowest forward + backward show their spread. One more call measures the peak memory
 above the inputs (``machine.PeakMemory``; the gradient is part of it) and the error against the float64
 reference on a fixed subsample of rows: ``||x - x64|| / ||x64||`` for row losses and gradient rows.
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import sys
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +58,35 @@ class Progress:
             self.bar = tqdm(total=total, file=sys.stderr, leave=False)
         except ImportError:
             self.bar, self.done, self.total = None, 0, total
+
+    @contextlib.contextmanager
+    def waiting(self, label: str):
+        """Show ``label`` while the block runs (a first call, which may compile for minutes).
+
+        With tqdm the bar is redrawn every second so that its elapsed time keeps counting; without it a line is
+        printed before and one with the seconds taken after.
+        """
+        if self.bar is None:
+            print(f"[{self.done}/{self.total}] {label} ...", file=sys.stderr, flush=True)
+            start = time.perf_counter()
+            yield
+            print(f"[{self.done}/{self.total}] {label}: {time.perf_counter() - start:.1f} s", file=sys.stderr,
+                  flush=True)
+            return
+        self.bar.set_description(label)
+        stop = threading.Event()
+
+        def tick():
+            while not stop.wait(1.0):
+                self.bar.refresh()
+
+        ticker = threading.Thread(target=tick, daemon=True)
+        ticker.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            ticker.join()
 
     def step(self, label: str) -> None:
         if self.bar is not None:
@@ -102,10 +135,12 @@ def bench_divergence(cfg: Config, divergence: str, names: tuple[str, ...], z, t,
     live = []
     for p in provs:
         try:
-            for i in range(cfg.warmup):
+            with progress.waiting(f"{divergence} {p.name}: first call (compiles, if it does)"):
                 fwd, bwd, _, _ = _call(p, z, t, cfg.device)
-                if i == 0:
-                    rows[p.name]["first_call_s"] = fwd + bwd
+            rows[p.name]["first_call_s"] = fwd + bwd
+            progress.step(f"{divergence} {p.name} warm-up")
+            for _ in range(cfg.warmup - 1):
+                _call(p, z, t, cfg.device)
                 progress.step(f"{divergence} {p.name} warm-up")
             live.append(p)
         except RuntimeError as err:  # out of memory, or a provider that cannot run this case
@@ -127,6 +162,8 @@ def bench_divergence(cfg: Config, divergence: str, names: tuple[str, ...], z, t,
         row = rows[p.name]
         for key, col in (("fwd_ms", 0), ("bwd_ms", 1), ("fwd_bwd_ms", 2)):
             row[key] = 1e3 * statistics.median(s[col] for s in samples[p.name])
+        row["fwd_bwd_min_ms"] = 1e3 * min(s[2] for s in samples[p.name])
+        row["fwd_bwd_max_ms"] = 1e3 * max(s[2] for s in samples[p.name])
         with PeakMemory(cfg.device) as mem:
             _, _, loss, grad = _call(p, z, t, cfg.device)
         if mem.bytes is not None:
