@@ -1,127 +1,161 @@
-"""Ahead-of-time compilation of every kernel variant for a GPU architecture, with no GPU present.
+"""Ahead-of-time compilation of exactly the kernels ``launch.py`` launches, for a GPU architecture, with no GPU.
 
-``triton.compile(..., target=GPUTarget("cuda", 90, 32))`` runs the real GPU compiler (through ``ptxas``),
-so code that Triton's interpreter tolerates but the compiler rejects fails here. Used by the tests and by
-``python -m bench.compile_report``.
+:func:`launched` runs the launcher on ``meta`` tensors (shapes, strides and dtypes, no data) while
+``launch.recording()`` collects the launches; :func:`compile_launch` then binds each launch's arguments the
+way ``triton.jit`` does at run time (the same constexprs, ``num_warps`` and runtime specialisation: pointers,
+``V`` and strides divisible by 16 get the divisibility attribute that vectorises their loads) and runs the
+real compiler down to a cubin through ``ptxas``, for ``GPUTarget("cuda", arch, 32)`` (90: sm_90a). Meta tensors
+report address 0, as aligned as the caching allocator's blocks. Code that Triton's interpreter tolerates but
+the compiler rejects fails here.
+
+Must run in a process without ``TRITON_INTERPRET=1`` (under the interpreter ``triton.jit`` gives functions
+that cannot be compiled): tests call ``python -m kdkernels.kernels.aot`` in a subprocess.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import itertools
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import create_function_from_signature
 
 from kdkernels.kernels import launch
-from kdkernels.kernels.backward import grad_kernel
-from kdkernels.kernels.forward import akl_level_kernel, finish_kernel, stats_kernel
 from kdkernels.torch_ops.layout import DIVERGENCE_CODES
 
-TRITON_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-KEY_BITS = {"float32": 32, "bfloat16": 16, "float16": 16}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# (student, teacher) dtypes: the three plain ones and both mixes.
+DTYPE_PAIRS = (("bf16", "bf16"), ("fp16", "fp16"), ("fp32", "fp32"), ("bf16", "fp32"), ("fp32", "bf16"))
+# Label modes: no labels; labels only (ignore_index); labels and the CE term at T = 1 (it shares the
+# student's log-sum-exp) and at T = 2.
+LABEL_MODES = ("none", "labels", "ce_t1", "ce_t2")
+VOCABS = (128256, 50257)  # one divisible by 16 (vectorised loads), one not
 
 
-@dataclass
-class Variant:
-    """One compiled specialisation: a kernel, its pointer types and its constexprs."""
+@dataclass(frozen=True)
+class Case:
+    """One call of the op: the shapes and options that decide which binaries the launcher runs."""
 
-    name: str
-    kernel: object
-    signature: dict[str, str]
-    constexprs: dict[str, object]
-    num_warps: int
-    meta: dict[str, object] = field(default_factory=dict)
+    divergence: str
+    student: str = "bf16"
+    teacher: str = "bf16"
+    labels: str = "labels"
+    vocab: int = 128256
+    rows: int = 8192
 
-    def compile(self, arch: int):
-        source = triton.compiler.ASTSource(fn=self.kernel, signature=self.signature, constexprs=self.constexprs)
-        return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": self.num_warps})
-
-
-def _signature(kernel, pointers: dict[str, str], floats: tuple[str, ...], constexprs: dict[str, object]):
-    sig = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in pointers:
-            sig[name] = pointers[name]
-        elif name in floats:
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-    return sig
+    def options(self) -> dict:
+        return dict(temperature=2.0 if self.labels == "ce_t2" else 1.0,
+                    ce_weight=0.5 if self.labels.startswith("ce") else 0.0)
 
 
-def variants(
-    divergence: str,
-    dtype: str = "bfloat16",
-    vocab: int = 128256,
-    has_ce: bool = False,
-    with_labels: bool = True,
-) -> list[Variant]:
-    """Every kernel launched for one divergence and input dtype (student and teacher alike)."""
-    elem = TRITON_DTYPES[dtype]
-    key_bits = KEY_BITS[dtype]
-    code = DIVERGENCE_CODES[divergence]
-    labels = "*i64" if with_labels else "*fp32"
-    flags = dict(DIVERGENCE=code, HAS_LABELS=with_labels, HAS_CE=has_ce, KEY_BITS=key_bits)
-    forward_ptrs = {"z_ptr": f"*{elem}", "t_ptr": f"*{elem}", "labels_ptr": labels, "loss_ptr": "*fp32",
-                    "stats_ptr": "*fp32", "key_ptr": "*i64" if divergence == "akl" else "*fp32"}
-    floats = ("inv_t", "kd_weight", "ce_weight", "akl_alpha", "todi_beta")
-    out = []
-    first = launch._block(vocab, launch.HIST_BLOCK if divergence == "akl" else launch.STREAM_BLOCK)
-    ce = dict(flags, BLOCK_V=first)
-    out.append(Variant("stats", stats_kernel, _signature(stats_kernel, forward_ptrs, floats, ce), ce,
-                       launch.HIST_WARPS if divergence == "akl" else launch._warps(first)))
-    if divergence == "akl":
-        for shift in range(key_bits - 16, -1, -8):
-            level = dict(HAS_LABELS=with_labels, KEY_BITS=key_bits, SHIFT=shift,
-                         BLOCK_V=launch._block(vocab, launch.HIST_BLOCK))
-            ptrs = {"t_ptr": f"*{elem}", "labels_ptr": labels, "stats_ptr": "*fp32", "key_ptr": "*i64"}
-            out.append(Variant(f"akl_level_shift{shift}", akl_level_kernel,
-                               _signature(akl_level_kernel, ptrs, floats, level), level, launch.HIST_WARPS))
-    block = launch._block(vocab, launch.STREAM_BLOCK)
-    if divergence in ("akl", "todi"):
-        fin = dict(flags, BLOCK_V=block)
-        out.append(Variant("finish", finish_kernel, _signature(finish_kernel, forward_ptrs, floats, fin), fin,
-                           launch._warps(block)))
-    grad = dict(DIVERGENCE=code, HAS_LABELS=with_labels, HAS_CE=has_ce, BLOCK_V=block)
-    grad_ptrs = {"z_ptr": f"*{elem}", "t_ptr": f"*{elem}", "labels_ptr": labels, "grad_rows_ptr": "*fp32",
-                 "stats_ptr": "*fp32", "dz_ptr": f"*{elem}"}
-    out.append(Variant("grad", grad_kernel, _signature(grad_kernel, grad_ptrs, floats, grad), grad,
-                       launch._warps(block)))
-    for v in out:
-        v.meta = dict(divergence=divergence, dtype=dtype, vocab=vocab, has_ce=has_ce)
-    return out
+def all_cases() -> list[Case]:
+    """Every launched variant: divergence x dtype pair x label mode x vocabulary alignment."""
+    return [Case(d, s, t, lab, v) for d, (s, t), lab, v in
+            itertools.product(DIVERGENCE_CODES, DTYPE_PAIRS, LABEL_MODES, VOCABS)]
 
 
-def compile_all(archs: tuple[int, ...] = (80, 90), cases=None) -> list[dict]:
-    """Compile the variants of ``cases`` (``(divergence, dtype, has_ce)`` triples, default: every one) per arch.
+def launched(case: Case) -> list[launch.Launch]:
+    """The launches of one forward + backward of ``case``, recorded on meta tensors."""
+    meta = torch.device("meta")
+    z = torch.empty((case.rows, case.vocab), dtype=DTYPES[case.student], device=meta)
+    t = torch.empty((case.rows, case.vocab), dtype=DTYPES[case.teacher], device=meta)
+    labels = None if case.labels == "none" else torch.empty(case.rows, dtype=torch.int64, device=meta)
+    opts = case.options()
+    with launch.recording() as records:
+        _, stats = launch.kd_forward(z, t, labels, case.divergence, -100, opts["temperature"], 0.5, 1.0, 1.0,
+                                     opts["ce_weight"])
+        launch.kd_backward(torch.empty(case.rows, device=meta), z, t, labels, stats, case.divergence, -100,
+                           opts["temperature"], 1.0, 1.0, opts["ce_weight"])
+    return records
 
-    Must run in a process without ``TRITON_INTERPRET=1``: under the interpreter, ``triton.jit`` gives
-    functions that cannot be compiled (tests call ``python -m kdkernels.kernels.aot`` in a subprocess).
-    """
-    if cases is None:
-        cases = [(d, dtype, ce) for d in DIVERGENCE_CODES for dtype in TRITON_DTYPES for ce in (False, True)]
-    results = []
-    for divergence, dtype, has_ce in cases:
-        for variant in variants(divergence, dtype, has_ce=has_ce):
+
+def bind(record: launch.Launch, arch: int) -> tuple[ASTSource, GPUTarget, dict]:
+    """What ``triton.jit`` compiles for one recorded launch on ``sm_{arch}``: source, target and options."""
+    kernel = record.kernel
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    meta = dict(record.meta, debug=False)
+    bound, specialization, options = binder(*record.args, **meta)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, meta, bound, specialization, options)
+    return ASTSource(kernel, signature, constexprs, attrs), target, options.__dict__
+
+
+def compile_launch(record: launch.Launch, arch: int):
+    """Compile one recorded launch as ``triton.jit`` would at run time, for ``sm_{arch}`` (90: sm_90a)."""
+    source, target, options = bind(record, arch)
+    return triton.compile(source, target=target, options=options)
+
+
+def binary_key(record: launch.Launch, arch: int) -> str:
+    """A key that two launches share exactly when they run the same binary."""
+    source, _, options = bind(record, arch)
+    return f"{arch}-{source.hash()}-{sorted(options.items())}"
+
+
+def tool(name: str) -> str:
+    """Path of a CUDA binary utility shipped in the triton wheel (``cuobjdump``, ``nvdisasm``)."""
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def _cuobjdump(cubin: bytes, flag: str) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([tool("cuobjdump"), flag, f.name], capture_output=True, text=True,
+                              check=True).stdout
+
+
+def resources(cubin: bytes) -> dict[str, int]:
+    """Registers per thread, stack frame and local (spill) bytes of a cubin's kernel (``cuobjdump -res-usage``)."""
+    out = _cuobjdump(cubin, "-res-usage")
+    found = {key: re.search(rf"\b{key}:(\d+)", out) for key in ("REG", "STACK", "LOCAL", "SHARED")}
+    missing = [k for k, m in found.items() if m is None]
+    if missing:
+        raise RuntimeError(f"cuobjdump -res-usage lacks {missing}:\n{out}")
+    return {k.lower(): int(m.group(1)) for k, m in found.items()}
+
+
+def sass(cubin: bytes) -> str:
+    """The SASS of a cubin (``cuobjdump -sass``)."""
+    return _cuobjdump(cubin, "-sass")
+
+
+def kernel_name(record: launch.Launch) -> str:
+    return record.kernel.fn.__name__
+
+
+def unique_launches(cases: list[Case], archs: tuple[int, ...]):
+    """``(case, record, arch)`` for each distinct binary that ``cases`` launch (the first case that needs it)."""
+    seen = set()
+    for case in cases:
+        for record in launched(case):
             for arch in archs:
-                compiled = variant.compile(arch)
-                results.append(dict(variant.meta, kernel=variant.name, arch=arch,
-                                    cubin_bytes=len(compiled.asm.get("cubin", b"")),
-                                    shared=compiled.metadata.shared, ptx=compiled.asm["ptx"]))
-    return results
+                key = binary_key(record, arch)
+                if key not in seen:
+                    seen.add(key)
+                    yield case, record, arch
 
 
 def main() -> None:
-    """``python -m kdkernels.kernels.aot [ARCH ...]``: compile every variant, print one JSON line each."""
+    """``python -m kdkernels.kernels.aot [ARCH ...]``: compile every launched variant once, one JSON line each
+    (the first case that launches it, the kernel, the arch, its warps, registers and stack/local bytes)."""
     import json
     import sys
 
     archs = tuple(int(a) for a in sys.argv[1:]) or (80, 90)
-    for row in compile_all(archs):
-        row.pop("ptx")
-        print(json.dumps(row))
+    for case, record, arch in unique_launches(all_cases(), archs):
+        compiled = compile_launch(record, arch)
+        row = dict(case.__dict__, kernel=kernel_name(record), arch=arch, num_warps=record.meta["num_warps"],
+                   **resources(compiled.asm["cubin"]))
+        print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

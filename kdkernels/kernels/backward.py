@@ -5,9 +5,10 @@ With ``g`` the gradient of the row's loss, ``m`` the inf mask and ``d = lq - lp`
 - fkl:  ``q_j P - m_j p_j``
 - rkl:  ``m_j q_j (d_j + 1) - q_j (R + Q)``
 - akl:  ``r_h fkl_j + r_t rkl_j``
-- todi: ``m_j (c_j q_j (d_j + 1) - w_j p_j) + q_j (S_a - S_b)``
+- todi: ``m_j (c_j q_j (d_j + 1) - w_j p_j) + q_j (S_a - S_b)``, both sigmoids from one ``exp`` (as ``forward.py``)
 
-``dz_j = g (kd_weight / T * div_j + ce_weight (softmax(z)_j - [j == label]))``; ignored rows get 0.
+``dz_j = g (kd_weight / T * div_j + ce_weight (softmax(z)_j - [j == label]))``; ignored rows get 0. A kept row
+whose label is outside ``[0, V)`` while ``ce_weight != 0`` has a NaN loss and gets a NaN gradient.
 """
 
 import triton
@@ -16,11 +17,16 @@ import triton.language as tl
 from kdkernels.kernels.common import (
     AKL,
     FKL,
-    LSE_CE,
-    LSE_T,
-    LSE_Z,
+    LN2,
+    LOG2E,
+    LOGS_CE,
+    LOGS_T,
+    LOGS_Z,
     MASS_P,
     MASS_Q,
+    MAX_CE,
+    MAX_T,
+    MAX_Z,
     NUM_STATS,
     R_HEAD,
     R_TAIL,
@@ -29,7 +35,7 @@ from kdkernels.kernels.common import (
     TODI,
     TODI_S,
     load_block,
-    probs,
+    log2_probs,
     row_keep,
 )
 
@@ -38,9 +44,13 @@ from kdkernels.kernels.common import (
 def grad_kernel(
     z_ptr, t_ptr, labels_ptr, grad_rows_ptr, stats_ptr, dz_ptr,
     V, stride_z, stride_t, stride_dz, inv_t, ignore_index, kd_weight, ce_weight, todi_beta,
-    DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, BLOCK_V: tl.constexpr,
+    DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, CE_SHARES_Z: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
-    """dz: (N, V) in the student's dtype at ``stride_dz``; grad_rows: (N,) float32."""
+    """dz: (N, V) in the student's dtype at ``stride_dz``; grad_rows: (N,) float32.
+
+    ``CE_SHARES_Z``: T == 1, so ``softmax(z)`` is ``q``.
+    """
     NEED_F: tl.constexpr = (DIVERGENCE == FKL) or (DIVERGENCE == AKL)
     NEED_R: tl.constexpr = (DIVERGENCE == RKL) or (DIVERGENCE == AKL)
     row = tl.program_id(0).to(tl.int64)
@@ -51,9 +61,12 @@ def grad_kernel(
     keep = row_keep(labels_ptr, row, ignore_index, HAS_LABELS)
     limit = tl.where(keep, V, 0)  # ignored rows read nothing and write zeros
     g = tl.load(grad_rows_ptr + row)
-    scale_kd = g * kd_weight * inv_t
-    lse_z = tl.load(stats_row + LSE_Z)
-    lse_t = tl.load(stats_row + LSE_T)
+    scale_kd = tl.where(keep, g * kd_weight * inv_t, 0.0)
+    scale2 = inv_t * LOG2E
+    max_z = tl.load(stats_row + MAX_Z)
+    log_sz = tl.load(stats_row + LOGS_Z)
+    max_t = tl.load(stats_row + MAX_T)
+    log_st = tl.load(stats_row + LOGS_T)
     if NEED_F:
         mass_p = tl.load(stats_row + MASS_P)
     if NEED_R:
@@ -65,18 +78,24 @@ def grad_kernel(
         s_ab = tl.load(stats_row + TODI_S)
     if HAS_CE:
         label = tl.load(labels_ptr + row)
-        lse_c = tl.load(stats_row + LSE_CE)
+        valid = (label >= 0) & (label < V)
+        target = tl.where(valid, label, -1).to(tl.int32)
+        scale_ce = tl.where(keep, tl.where(valid, g * ce_weight, float("nan")), 0.0)
+        max_c = tl.load(stats_row + MAX_CE)
+        log_sc = tl.load(stats_row + LOGS_CE)
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
         inb = offs < V
         read = offs < limit
-        z_raw = load_block(z_row, offs, read).to(tl.float32)
-        z = z_raw * inv_t
-        t = load_block(t_row, offs, read).to(tl.float32) * inv_t
+        z = load_block(z_row, offs, read).to(tl.float32)
+        t = load_block(t_row, offs, read).to(tl.float32)
+        lq2 = log2_probs(z, max_z, log_sz, scale2)
+        lp2 = log2_probs(t, max_t, log_st, scale2)
+        q = tl.exp2(lq2)
+        p = tl.exp2(lp2)
         live = (z != float("-inf")) & (t != float("-inf"))
-        q = probs(z, lse_z)
-        p = probs(t, lse_t)
-        d = tl.where(live, (z - lse_z) - (t - lse_t), 0.0)
+        if NEED_R or (DIVERGENCE == TODI):
+            d = (lq2 - lp2) * LN2
         if NEED_F:
             g_f = q * mass_p - tl.where(live, p, 0.0)
         if NEED_R:
@@ -88,12 +107,18 @@ def grad_kernel(
         elif DIVERGENCE == AKL:
             g_div = r_h * g_f + r_t * g_r
         else:
-            w = tl.sigmoid(-todi_beta * d)
-            c = tl.sigmoid(todi_beta * d)
+            x = todi_beta * d
+            u = tl.exp2(-tl.abs(x) * LOG2E)
+            big = 1.0 / (1.0 + u)
+            small = u * big
+            w = tl.where(x >= 0, small, big)
+            c = tl.where(x >= 0, big, small)
             g_div = tl.where(live, c * q * (d + 1.0) - w * p, 0.0) + q * s_ab
         grad = scale_kd * g_div
         if HAS_CE:
-            onehot = tl.where(offs == label, 1.0, 0.0)
-            grad += (g * ce_weight) * (probs(z_raw, lse_c) - onehot)
-        grad = tl.where(keep, grad, 0.0)
+            if CE_SHARES_Z:
+                soft = q
+            else:
+                soft = tl.exp2(log2_probs(z, max_c, log_sc, LOG2E))
+            grad += scale_ce * (soft - tl.where(offs == target, 1.0, 0.0))
         tl.store(dz_row + offs, grad.to(dz_ptr.dtype.element_ty), mask=inb)

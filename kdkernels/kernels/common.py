@@ -1,4 +1,4 @@
-"""Triton helpers shared by the kdkernels kernel family: constants, loads, AKL keys and histograms."""
+"""Triton helpers shared by the kdkernels kernel family: constants, loads, order keys and AKL scratch columns."""
 
 import triton
 import triton.language as tl
@@ -13,8 +13,12 @@ TODI = tl.constexpr(layout.DIVERGENCE_CODES["todi"])
 
 # Columns of the (N, NUM_STATS) float32 statistics buffer.
 NUM_STATS = tl.constexpr(layout.NUM_STATS)
-LSE_Z = tl.constexpr(layout.LSE_Z)
-LSE_T = tl.constexpr(layout.LSE_T)
+MAX_Z = tl.constexpr(layout.MAX_Z)
+LOGS_Z = tl.constexpr(layout.LOGS_Z)
+MAX_T = tl.constexpr(layout.MAX_T)
+LOGS_T = tl.constexpr(layout.LOGS_T)
+MAX_CE = tl.constexpr(layout.MAX_CE)
+LOGS_CE = tl.constexpr(layout.LOGS_CE)
 MASS_P = tl.constexpr(layout.MASS_P)
 MASS_Q = tl.constexpr(layout.MASS_Q)
 FKL_COL = tl.constexpr(layout.FKL)
@@ -22,13 +26,24 @@ RKL_COL = tl.constexpr(layout.RKL)
 TODI_S = tl.constexpr(layout.TODI_S)
 R_HEAD = tl.constexpr(layout.R_HEAD)
 R_TAIL = tl.constexpr(layout.R_TAIL)
-AKL_BELOW = tl.constexpr(layout.AKL_BELOW)
-LSE_CE = tl.constexpr(layout.LSE_CE)
 CE = tl.constexpr(layout.CE)
 
-# Initial running max: finite, so exp(m_old - m_new) never sees (-inf) - (-inf).
-NEG_BIG = tl.constexpr(-3.0e38)
-RADIX = tl.constexpr(256)  # AKL radix select: 8 bits of the key per level
+# Columns of AKL's (N, AKL_COLS) float32 scratch (see akl.py for the cut search that fills them).
+AKL_COLS = tl.constexpr(10)
+AKL_LO = tl.constexpr(0)  # the cut's bracket: order keys [LO, HI) of teacher logits (uint32 bits, see store_key)
+AKL_HI = tl.constexpr(1)
+AKL_COUNT = tl.constexpr(2)  # entries in the bracket
+AKL_BELOW = tl.constexpr(3)  # teacher mass below LO, from the last refinement round (the rank rule uses it)
+AKL_MASS_BELOW = tl.constexpr(4)  # teacher mass below LO, summed by the finish pass
+AKL_G_TAIL = tl.constexpr(5)  # sums of |p - q| over the entries settled as tail / head by the finish pass
+AKL_G_HEAD = tl.constexpr(6)
+AKL_ROUNDS = tl.constexpr(7)  # refinement rounds the row needed (read by the cost model)
+AKL_CUT_INDEX = tl.constexpr(8)  # one-key brackets: index of the last tail entry among them (-1: none)
+AKL_LISTED = tl.constexpr(9)  # entries listed so far by the finish pass (its atomic counter)
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+NEG_INF = tl.constexpr(float("-inf"))
 
 
 @triton.jit
@@ -41,49 +56,73 @@ def row_keep(labels_ptr, row, ignore_index, HAS_LABELS: tl.constexpr):
 
 @triton.jit
 def load_block(row_ptr, offs, inb):
-    """Load a block of one row in its own dtype; entries past V read as -inf."""
+    """Load a block of one row in its own dtype; entries past the read limit read as -inf."""
     return tl.load(row_ptr + offs, mask=inb, other=float("-inf"))
 
 
 @triton.jit
-def probs(x, lse):
-    """``exp(x - lse)`` with 0 where ``x`` is -inf (also when the whole row is -inf and lse is -inf)."""
-    return tl.where(x == float("-inf"), 0.0, tl.exp(x - lse))
+def safe_max(m):
+    """A row maximum usable as an exponent shift: ``m``, or 0 while the row has no finite entry."""
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
+def safe_log(s):
+    """``log s`` with 0 for an empty sum, so that ``(x - max) / T - log s`` stays -inf (not NaN) at -inf
+    entries of a row without finite entries; a NaN sum stays NaN."""
+    return tl.where(s == 0, 0.0, tl.log(s))
+
+
+@triton.jit
+def log2_probs(x, row_max, log_sum, scale2):
+    """``log2`` of the probabilities of a block: ``(x - max) / T * log2(e) - log s * log2(e)`` (-inf at -inf).
+
+    ``scale2 = log2(e) / T``; ``row_max`` and ``log_sum`` are the row's ``MAX_*`` and ``LOGS_*`` columns.
+    """
+    return (x - row_max) * scale2 - log_sum * LOG2E
 
 
 @triton.jit
 def order_key(x, KEY_BITS: tl.constexpr):
-    """Unsigned key of ``x``'s bits (uint32) that orders like the values; -0.0 keys as +0.0.
-
-    ``KEY_BITS`` is 16 for bfloat16/float16 inputs and 32 for float32.
-    """
+    """Unsigned key (uint32) of ``x``'s bits, in ``x``'s own dtype, that orders like the values; -0.0 keys as
+    +0.0. ``KEY_BITS`` is 16 for bfloat16/float16 and 32 for float32."""
     if KEY_BITS == 16:
         bits = x.to(tl.uint16, bitcast=True).to(tl.uint32)
         key = tl.where((bits >> 15) != 0, bits ^ 0xFFFF, bits ^ 0x8000)
-        zero = tl.full(x.shape, 0x8000, tl.uint32)
+        zero = 0x8000
     else:
         bits = x.to(tl.uint32, bitcast=True)
         key = tl.where((bits >> 31) != 0, bits ^ 0xFFFFFFFF, bits ^ 0x80000000)
-        zero = tl.full(x.shape, 0x80000000, tl.uint32)
+        zero = 0x80000000
     return tl.where(x == 0, zero, key)
 
 
 @triton.jit
-def mass_histogram(digit, mass):
-    """Per-bucket sum of ``mass`` over the 256 values of ``digit`` (one block)."""
-    buckets = tl.arange(0, RADIX)
-    hit = digit.to(tl.int32)[:, None] == buckets[None, :]
-    return tl.sum(tl.where(hit, mass[:, None], 0.0), axis=0)
+def key_value(key, dtype: tl.constexpr, KEY_BITS: tl.constexpr):
+    """The value (as float32) of ``dtype`` whose :func:`order_key` is ``key`` (an int64 key)."""
+    if KEY_BITS == 16:
+        k = key.to(tl.uint32)
+        bits = tl.where(k >= 0x8000, k ^ 0x8000, k ^ 0xFFFF)
+        return bits.to(tl.uint16).to(dtype, bitcast=True).to(tl.float32)
+    else:
+        k = key.to(tl.uint32)
+        bits = tl.where(k >= 0x80000000, k ^ 0x80000000, k ^ 0xFFFFFFFF)
+        return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def select_bucket(hist, below, alpha):
-    """First bucket at which ``below`` plus the cumulative mass exceeds ``alpha``.
+def store_key(ptr, key):
+    """Store a uint32 key in a float32 slot, bit for bit."""
+    tl.store(ptr, key.to(tl.uint32).to(tl.float32, bitcast=True))
 
-    Returns the bucket and the mass strictly below it (``below`` plus the buckets before it).
-    """
-    buckets = tl.arange(0, RADIX)
-    cum = below + tl.cumsum(hist, axis=0)
-    bucket = tl.minimum(tl.sum((cum <= alpha).to(tl.int32), axis=0), RADIX - 1)
-    new_below = tl.max(tl.where(buckets < bucket, cum, below), axis=0)
-    return bucket, new_below
+
+@triton.jit
+def load_key(ptr):
+    """Load a key stored by :func:`store_key` (uint32)."""
+    return tl.load(ptr).to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def pick(values, index, i):
+    """``values[i]`` of a small vector (``index`` is its ``tl.arange``)."""
+    return tl.sum(tl.where(index == i, values, 0), axis=0)

@@ -1,49 +1,60 @@
 """Forward kernels: one program per row, streaming the vocabulary in blocks.
 
-Passes over the logits in the forward (the backward adds one, see ``backward.py``):
+Passes over the logits in the forward (the backward adds one over ``z`` and ``t``, see ``backward.py``):
 
-- fkl, rkl: 1 pass (``stats_kernel``): online log-sum-exps of ``z/T`` and ``t/T`` and online sums
-  that give ``P``, ``Q``, ``F`` and ``R`` at the end of the row, so the loss needs no second pass.
-- todi: 2 passes: ``stats_kernel`` (log-sum-exps), then ``finish_kernel`` (``S_a``, ``S_b``, loss).
-- akl: ``stats_kernel`` (log-sum-exps, ``F``, ``R`` and the first 8-bit level of a radix select of the
-  teacher's keys, weighted by probability mass), one ``akl_level_kernel`` per further 8 bits of key
-  (1 for bfloat16/float16 teachers, 3 for float32), then ``finish_kernel`` (head/tail gaps, weights,
-  loss): 3 passes for 16-bit teacher logits, 5 for float32. Only ``t`` is read by the level passes.
+- fkl, rkl: 1 pass (``stats_kernel``): the row maxima and sums of ``exp`` that give the log-sum-exps, and the
+  sums that give ``P``, ``Q``, ``F`` and ``R``, so the loss needs no second pass.
+- todi: 2 passes: ``stats_kernel``, then ``finish_kernel`` (``S_a``, ``S_b``, the loss).
+- akl: 2 passes over ``z`` and ``t`` for most rows (``stats_kernel``, which also brackets the head/tail cut,
+  and ``finish_kernel``), plus passes over ``t`` alone for flat teachers; see ``akl.py``.
 
-Online sums use running maxes ``m`` rescaled by ``exp(m_old - m_new)`` when a block raises them. The
-sums for ``F`` keep each term centred on the running maxes so that the final subtraction
-``F = A / s_t - P (log s_t - log s_z)`` stays small and exact in float32.
+Every sum is kept per lane (a ``BLOCK_V`` vector) and reduced once at the end of the row; the block maximum
+rescales them when it grows. Work is in base 2 (``exp2``, ``scale2 = log2(e) / T``); the row maximum of the raw
+logits and the log of the sum are stored apart (``MAX_*``, ``LOGS_*``), so probabilities are rebuilt as
+``exp2((x - max) * scale2 - log2 s)`` at any logit magnitude. A row's maximum starts at -inf: rows of
+``finfo.min`` are ordinary rows.
 """
 
 import triton
 import triton.language as tl
 
+from kdkernels.kernels.akl import hint_bracket, hint_thresholds
 from kdkernels.kernels.common import (
     AKL,
-    AKL_BELOW,
+    AKL_COLS,
+    AKL_COUNT,
+    AKL_CUT_INDEX,
+    AKL_G_HEAD,
+    AKL_G_TAIL,
+    AKL_HI,
+    AKL_LISTED,
+    AKL_LO,
+    AKL_MASS_BELOW,
     CE,
     FKL,
     FKL_COL,
-    LSE_CE,
-    LSE_T,
-    LSE_Z,
+    LN2,
+    LOG2E,
+    LOGS_CE,
+    LOGS_T,
+    LOGS_Z,
     MASS_P,
     MASS_Q,
-    NEG_BIG,
+    MAX_CE,
+    MAX_T,
+    MAX_Z,
     NUM_STATS,
-    R_HEAD,
-    R_TAIL,
-    RADIX,
     RKL,
     RKL_COL,
     TODI,
     TODI_S,
     load_block,
-    mass_histogram,
+    load_key,
+    log2_probs,
     order_key,
-    probs,
     row_keep,
-    select_bucket,
+    safe_log,
+    safe_max,
 )
 
 
@@ -58,152 +69,150 @@ def _finish_row(loss_ptr, row, keep, div, stats_row, kd_weight, ce_weight, HAS_C
 
 @triton.jit
 def stats_kernel(
-    z_ptr, t_ptr, labels_ptr, loss_ptr, stats_ptr, key_ptr,
-    V, stride_z, stride_t, inv_t, ignore_index, kd_weight, ce_weight, akl_alpha,
-    DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr,
-    KEY_BITS: tl.constexpr, BLOCK_V: tl.constexpr,
+    z_ptr, t_ptr, labels_ptr, loss_ptr, stats_ptr, akl_ptr,
+    V, stride_z, stride_t, inv_t, ignore_index, kd_weight, ce_weight, akl_alpha, hint_width,
+    DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, CE_SHARES_Z: tl.constexpr,
+    KEY_BITS: tl.constexpr, HINT_BINS: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """First pass: log-sum-exps, ``P``, ``Q``, ``F``, ``R``, CE and AKL's first radix level.
+    """First pass: row maxima and log-sums, ``P``, ``Q``, ``F``, ``R``, CE, and AKL's bracket.
 
-    z, t: (N, V) rows at ``stride_z``/``stride_t``; labels: (N,) int64 if HAS_LABELS;
-    loss: (N,) float32 (written for fkl/rkl); stats: (N, NUM_STATS) float32; key: (N,) int64 (AKL).
+    z, t: (N, V) rows at ``stride_z``/``stride_t``; labels: (N,) int64 if HAS_LABELS; loss: (N,) float32
+    (written for fkl/rkl); stats: (N, NUM_STATS) float32; akl: (N, AKL_COLS) float32 (AKL only).
+    ``CE_SHARES_Z``: T == 1, so the CE term's log-sum-exp is the student's. ``hint_width``: AKL's ``W``
+    (``akl.py``), ``KEY_BITS`` the width of the teacher's order keys.
     """
     NEED_F: tl.constexpr = (DIVERGENCE == FKL) or (DIVERGENCE == AKL)
     NEED_R: tl.constexpr = (DIVERGENCE == RKL) or (DIVERGENCE == AKL)
+    OWN_CE: tl.constexpr = HAS_CE and not CE_SHARES_Z
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * stride_z
     t_row = t_ptr + row * stride_t
     stats_row = stats_ptr + row * NUM_STATS
     keep = row_keep(labels_ptr, row, ignore_index, HAS_LABELS)
     limit = tl.where(keep, V, 0)  # ignored rows read nothing
+    scale2 = inv_t * LOG2E
 
-    m_z = NEG_BIG
-    m_t = NEG_BIG
-    m_c = NEG_BIG
-    s_z = 0.0
-    s_t = 0.0
-    s_c = 0.0
-    a_f = 0.0  # sum_m e^{t'-m_t} ((t'-m_t) - (z'-m_z))
-    p_s = 0.0  # sum_m e^{t'-m_t}
-    a_r = 0.0  # sum_m e^{z'-m_z} ((z'-m_z) - (t'-m_t))
-    q_s = 0.0  # sum_m e^{z'-m_z}
-    hist = tl.zeros([RADIX], dtype=tl.float32)
+    m_z = float("-inf")
+    m_t = float("-inf")
+    m_c = float("-inf")
+    s_z = tl.zeros([BLOCK_V], tl.float32)
+    s_t = tl.zeros([BLOCK_V], tl.float32)
+    s_c = tl.zeros([BLOCK_V], tl.float32)
+    a_f = tl.zeros([BLOCK_V], tl.float32)  # sum_m e_t (c_t - c_z), c = centred log2 logits
+    p_s = tl.zeros([BLOCK_V], tl.float32)  # sum_m e_t
+    a_r = tl.zeros([BLOCK_V], tl.float32)  # sum_m e_z (c_z - c_t)
+    q_s = tl.zeros([BLOCK_V], tl.float32)  # sum_m e_z
+    bins = tl.arange(0, HINT_BINS)
+    lt_mass = tl.zeros([BLOCK_V, HINT_BINS], tl.float32)  # AKL: per lane, mass and count below each threshold
+    lt_count = tl.zeros([BLOCK_V, HINT_BINS], tl.float32)
+    thr = tl.zeros([HINT_BINS], tl.float32)
+    thr_keys = tl.zeros([HINT_BINS], tl.uint32)
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
         inb = offs < limit
-        z_raw = load_block(z_row, offs, inb).to(tl.float32)
+        z = load_block(z_row, offs, inb).to(tl.float32)
         t_in = load_block(t_row, offs, inb)
-        z = z_raw * inv_t
-        t = t_in.to(tl.float32) * inv_t
-        live = (z != float("-inf")) & (t != float("-inf"))
+        t = t_in.to(tl.float32)
         mz_new = tl.maximum(m_z, tl.max(z, axis=0))
         mt_new = tl.maximum(m_t, tl.max(t, axis=0))
-        scale_z = tl.exp(m_z - mz_new)
-        scale_t = tl.exp(m_t - mt_new)
-        e_z = tl.exp(z - mz_new)
-        e_t = tl.exp(t - mt_new)
-        centred = (t - mt_new) - (z - mz_new)
-        shift = (m_t - mt_new) - (m_z - mz_new)
+        rz_old = safe_max(m_z)
+        rt_old = safe_max(m_t)
+        rz = safe_max(mz_new)
+        rt = safe_max(mt_new)
+        scale_z = tl.exp2((rz_old - rz) * scale2)
+        scale_t = tl.exp2((rt_old - rt) * scale2)
+        c_z = (z - rz) * scale2
+        c_t = (t - rt) * scale2
+        e_z = tl.exp2(c_z)
+        e_t = tl.exp2(c_t)
+        s_z = s_z * scale_z + e_z
+        s_t = s_t * scale_t + e_t
+        if NEED_F or NEED_R:
+            live = (z != float("-inf")) & (t != float("-inf"))
+            diff = c_t - c_z
+            shift = ((rt_old - rt) - (rz_old - rz)) * scale2  # moves old centred differences to the new maxima
         if NEED_F:
-            a_f = scale_t * (a_f + tl.where(p_s > 0, p_s * shift, 0.0))
-            a_f += tl.sum(tl.where(live, e_t * centred, 0.0), axis=0)
-            p_s = scale_t * p_s + tl.sum(tl.where(live, e_t, 0.0), axis=0)
+            a_f = scale_t * (a_f + p_s * shift) + tl.where(live, e_t * diff, 0.0)
+            p_s = p_s * scale_t + tl.where(live, e_t, 0.0)
         if NEED_R:
-            a_r = scale_z * (a_r - tl.where(q_s > 0, q_s * shift, 0.0))
-            a_r -= tl.sum(tl.where(live, e_z * centred, 0.0), axis=0)
-            q_s = scale_z * q_s + tl.sum(tl.where(live, e_z, 0.0), axis=0)
-        if DIVERGENCE == AKL:
-            digit = order_key(t_in, KEY_BITS) >> (KEY_BITS - 8)
-            hist = hist * scale_t + mass_histogram(digit, tl.where(inb, e_t, 0.0))
-        if HAS_CE:
-            mc_new = tl.maximum(m_c, tl.max(z_raw, axis=0))
-            s_c = s_c * tl.exp(m_c - mc_new) + tl.sum(tl.exp(z_raw - mc_new), axis=0)
+            a_r = scale_z * (a_r - q_s * shift) - tl.where(live, e_z * diff, 0.0)
+            q_s = q_s * scale_z + tl.where(live, e_z, 0.0)
+        if OWN_CE:
+            mc_new = tl.maximum(m_c, tl.max(z, axis=0))
+            rc = safe_max(mc_new)
+            s_c = s_c * tl.exp2((safe_max(m_c) - rc) * LOG2E) + tl.exp2((z - rc) * LOG2E)
             m_c = mc_new
-        s_z = s_z * scale_z + tl.sum(e_z, axis=0)
-        s_t = s_t * scale_t + tl.sum(e_t, axis=0)
+        if DIVERGENCE == AKL:
+            # thresholds fixed by the first block's maximum; masses relative to the top one (never above 1)
+            values, keys = hint_thresholds(rt, hint_width, bins, t_ptr.dtype.element_ty, KEY_BITS)
+            thr = tl.where(start == 0, values, thr)
+            thr_keys = tl.where(start == 0, keys, thr_keys)
+            below = inb[:, None] & (order_key(t_in, KEY_BITS)[:, None] < thr_keys[None, :])
+            e_top = tl.exp2(tl.minimum(t - tl.max(thr, axis=0), 0.0) * scale2)
+            lt_mass += tl.where(below, e_top[:, None], 0.0)
+            lt_count += below.to(tl.float32)
         m_z = mz_new
         m_t = mt_new
 
-    log_sz = tl.log(s_z)
-    log_st = tl.log(s_t)
-    tl.store(stats_row + LSE_Z, m_z + log_sz)
-    tl.store(stats_row + LSE_T, m_t + log_st)
+    sum_z = tl.sum(s_z, axis=0)
+    sum_t = tl.sum(s_t, axis=0)
+    log_sz = safe_log(sum_z)
+    log_st = safe_log(sum_t)
+    tl.store(stats_row + MAX_Z, safe_max(m_z))
+    tl.store(stats_row + LOGS_Z, log_sz)
+    tl.store(stats_row + MAX_T, safe_max(m_t))
+    tl.store(stats_row + LOGS_T, log_st)
     div = 0.0
     if NEED_F:
-        mass_p = tl.where(p_s == 0, 0.0, p_s / s_t)  # NaN stays NaN
-        fkl = tl.where(p_s == 0, 0.0, a_f / s_t - mass_p * (log_st - log_sz))
+        raw = tl.sum(p_s, axis=0)
+        mass_p = tl.where(raw == 0, 0.0, raw / sum_t)  # NaN stays NaN
+        fkl = tl.where(raw == 0, 0.0, LN2 * tl.sum(a_f, axis=0) / sum_t - mass_p * (log_st - log_sz))
         tl.store(stats_row + MASS_P, mass_p)
         tl.store(stats_row + FKL_COL, fkl)
         div = fkl
     if NEED_R:
-        mass_q = tl.where(q_s == 0, 0.0, q_s / s_z)
-        rkl = tl.where(q_s == 0, 0.0, a_r / s_z - mass_q * (log_sz - log_st))
+        raw = tl.sum(q_s, axis=0)
+        mass_q = tl.where(raw == 0, 0.0, raw / sum_z)
+        rkl = tl.where(raw == 0, 0.0, LN2 * tl.sum(a_r, axis=0) / sum_z - mass_q * (log_sz - log_st))
         tl.store(stats_row + MASS_Q, mass_q)
         tl.store(stats_row + RKL_COL, rkl)
         div = rkl
     if HAS_CE:
+        if CE_SHARES_Z:
+            max_c = safe_max(m_z)
+            log_sc = log_sz
+        else:
+            max_c = safe_max(m_c)
+            log_sc = safe_log(tl.sum(s_c, axis=0))
         label = tl.load(labels_ptr + row)
         valid = (label >= 0) & (label < V)
         z_label = tl.load(z_row + tl.where(valid, label, 0)).to(tl.float32)
-        lse_c = m_c + tl.log(s_c)
-        tl.store(stats_row + LSE_CE, lse_c)
-        tl.store(stats_row + CE, tl.where(valid, lse_c - z_label, float("nan")))
+        tl.store(stats_row + MAX_CE, max_c)
+        tl.store(stats_row + LOGS_CE, log_sc)
+        tl.store(stats_row + CE, tl.where(valid, (max_c - z_label) + log_sc, float("nan")))
     if DIVERGENCE == AKL:
-        bucket, below = select_bucket(hist / s_t, 0.0, akl_alpha)
-        tl.store(key_ptr + row, bucket.to(tl.int64))
-        tl.store(stats_row + AKL_BELOW, below)
+        top_scale = tl.exp2((tl.max(thr, axis=0) - safe_max(m_t)) * scale2)
+        hint_bracket(akl_ptr + row * AKL_COLS, tl.sum(lt_mass, axis=0), tl.sum(lt_count, axis=0), thr_keys, top_scale,
+                     sum_t, limit.to(tl.float32), akl_alpha, t_ptr.dtype.element_ty, KEY_BITS, HINT_BINS)
     if (DIVERGENCE == FKL) or (DIVERGENCE == RKL):
         _finish_row(loss_ptr, row, keep, div, stats_row, kd_weight, ce_weight, HAS_CE)
 
 
 @triton.jit
-def akl_level_kernel(
-    t_ptr, labels_ptr, stats_ptr, key_ptr,
-    V, stride_t, inv_t, ignore_index, akl_alpha,
-    HAS_LABELS: tl.constexpr, KEY_BITS: tl.constexpr, SHIFT: tl.constexpr, BLOCK_V: tl.constexpr,
-):
-    """One more radix level of AKL's cut: the 8 key bits at ``SHIFT`` among keys matching the prefix.
-
-    Reads the prefix (key bits above ``SHIFT + 8``) and the mass below it, histograms the teacher mass
-    of the matching entries by their next 8 bits, and writes back the longer prefix and its mass below.
-    Blocks with no matching entry skip the histogram.
-    """
-    row = tl.program_id(0).to(tl.int64)
-    t_row = t_ptr + row * stride_t
-    stats_row = stats_ptr + row * NUM_STATS
-    keep = row_keep(labels_ptr, row, ignore_index, HAS_LABELS)
-    limit = tl.where(keep, V, 0)  # ignored rows read nothing
-    prefix = tl.load(key_ptr + row).to(tl.uint32)
-    below = tl.load(stats_row + AKL_BELOW)
-    lse_t = tl.load(stats_row + LSE_T)
-    hist = tl.zeros([RADIX], dtype=tl.float32)
-    for start in range(0, V, BLOCK_V):
-        offs = start + tl.arange(0, BLOCK_V)
-        inb = offs < limit
-        t_in = load_block(t_row, offs, inb)
-        key = order_key(t_in, KEY_BITS)
-        match = inb & ((key >> (SHIFT + 8)) == prefix)
-        if tl.sum(match.to(tl.int32), axis=0) > 0:
-            p = probs(t_in.to(tl.float32) * inv_t, lse_t)
-            hist += mass_histogram((key >> SHIFT) & 0xFF, tl.where(match, p, 0.0))
-    bucket, below = select_bucket(hist, below, akl_alpha)
-    tl.store(key_ptr + row, (prefix.to(tl.int64) << 8) | bucket.to(tl.int64))
-    tl.store(stats_row + AKL_BELOW, below)
-
-
-@triton.jit
 def finish_kernel(
-    z_ptr, t_ptr, labels_ptr, loss_ptr, stats_ptr, key_ptr,
+    z_ptr, t_ptr, labels_ptr, loss_ptr, stats_ptr, akl_ptr, list_ptr,
     V, stride_z, stride_t, inv_t, ignore_index, kd_weight, ce_weight, akl_alpha, todi_beta,
-    DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr,
-    KEY_BITS: tl.constexpr, BLOCK_V: tl.constexpr,
+    DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, KEY_BITS: tl.constexpr,
+    CAPACITY: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """Last forward pass, with the final log-sum-exps known.
+    """Last pass over ``z`` and ``t`` of the forward, with the final maxima and log-sums known.
 
-    todi: ``S_a = sum_m w p``, ``S_b = sum_m c q (d + 1)`` and the loss ``sum_m (c q - w p) d``.
-    akl: an entry is tail if its key is below the cut's key ``k``, or equals it and
-    ``below + (rank + 1) p <= alpha`` where ``rank`` counts the earlier entries (by index) keyed ``k``;
-    then ``g_head``/``g_tail`` (sums of ``|p - q|`` over all entries), ``r_h``, ``r_t`` and the loss.
+    todi: ``S_a = sum_m w p``, ``S_b = sum_m c q (d + 1)``, the loss ``sum_m (c q - w p) d``, with
+    ``w = sigmoid(-b d)``, ``c = sigmoid(b d)`` from one ``u = exp(-|b d|)``: ``1 / (1 + u)`` and ``u / (1 + u)``.
+    akl: entries keyed below ``LO`` are tail, at or above ``HI`` head; the gaps ``|p - q|`` of each side are summed.
+    Inside the bracket: with at most ``CAPACITY`` entries, their indices go to ``list`` ((N, CAPACITY) int32,
+    in any order: slots from an atomic counter) for ``akl_resolve_kernel``; otherwise the bracket is one key
+    and the entries up to ``akl_rank_kernel``'s cut index are tail.
     """
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * stride_z
@@ -211,50 +220,64 @@ def finish_kernel(
     stats_row = stats_ptr + row * NUM_STATS
     keep = row_keep(labels_ptr, row, ignore_index, HAS_LABELS)
     limit = tl.where(keep, V, 0)  # ignored rows read nothing
-    lse_z = tl.load(stats_row + LSE_Z)
-    lse_t = tl.load(stats_row + LSE_T)
-    s_a = 0.0
-    s_b = 0.0
-    acc = 0.0
-    g_head = 0.0
-    g_tail = 0.0
+    scale2 = inv_t * LOG2E
+    max_z = tl.load(stats_row + MAX_Z)
+    log_sz = tl.load(stats_row + LOGS_Z)
+    max_t = tl.load(stats_row + MAX_T)
+    log_st = tl.load(stats_row + LOGS_T)
+    s_a = tl.zeros([BLOCK_V], tl.float32)
+    s_b = tl.zeros([BLOCK_V], tl.float32)
+    acc = tl.zeros([BLOCK_V], tl.float32)
+    g_tail = tl.zeros([BLOCK_V], tl.float32)
+    g_head = tl.zeros([BLOCK_V], tl.float32)
+    mass_below = tl.zeros([BLOCK_V], tl.float32)
     if DIVERGENCE == AKL:
-        cut = tl.load(key_ptr + row).to(tl.uint32)
-        below = tl.load(stats_row + AKL_BELOW)
-        seen = tl.zeros([1], dtype=tl.int32)  # entries keyed `cut` in earlier blocks
+        akl_row = akl_ptr + row * AKL_COLS
+        lo = load_key(akl_row + AKL_LO)
+        top = load_key(akl_row + AKL_HI) - 1
+        # vectors: Triton's interpreter rejects `&` between a scalar and a vector mask
+        by_rank = tl.full([BLOCK_V], 0.0, tl.float32) + tl.load(akl_row + AKL_COUNT) > CAPACITY
+        cut = tl.full([BLOCK_V], 0, tl.int32) + tl.load(akl_row + AKL_CUT_INDEX).to(tl.int32)
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
         inb = offs < limit
-        z = load_block(z_row, offs, inb).to(tl.float32) * inv_t
+        z = load_block(z_row, offs, inb).to(tl.float32)
         t_in = load_block(t_row, offs, inb)
-        t = t_in.to(tl.float32) * inv_t
-        live = (z != float("-inf")) & (t != float("-inf"))
-        q = probs(z, lse_z)
-        p = probs(t, lse_t)
-        d = tl.where(live, (z - lse_z) - (t - lse_t), 0.0)
+        t = t_in.to(tl.float32)
+        lq2 = log2_probs(z, max_z, log_sz, scale2)
+        lp2 = log2_probs(t, max_t, log_st, scale2)
+        q = tl.exp2(lq2)
+        p = tl.exp2(lp2)
         if DIVERGENCE == TODI:
-            w = tl.sigmoid(-todi_beta * d)
-            c = tl.sigmoid(todi_beta * d)
-            s_a += tl.sum(tl.where(live, w * p, 0.0), axis=0)
-            s_b += tl.sum(tl.where(live, c * q * (d + 1.0), 0.0), axis=0)
-            acc += tl.sum(tl.where(live, (c * q - w * p) * d, 0.0), axis=0)
+            live = (z != float("-inf")) & (t != float("-inf"))
+            d = (lq2 - lp2) * LN2
+            x = todi_beta * d
+            u = tl.exp2(-tl.abs(x) * LOG2E)
+            big = 1.0 / (1.0 + u)
+            small = u * big
+            w = tl.where(x >= 0, small, big)
+            c = tl.where(x >= 0, big, small)
+            wp = w * p
+            cq = c * q
+            s_a += tl.where(live, wp, 0.0)
+            s_b += tl.where(live, cq * (d + 1.0), 0.0)
+            acc += tl.where(live, (cq - wp) * d, 0.0)
         if DIVERGENCE == AKL:
+            gap = tl.abs(p - q)  # 0 past V (both -inf)
             key = order_key(t_in, KEY_BITS)
-            at_cut = inb & (key == cut)
-            rank = seen + tl.cumsum(at_cut.to(tl.int32), axis=0)  # inclusive count in index order
-            tail = inb & ((key < cut) | (at_cut & (below + rank.to(tl.float32) * p <= akl_alpha)))
-            gap = tl.where(inb, tl.abs(p - q), 0.0)
-            g_tail += tl.sum(tl.where(tail, gap, 0.0), axis=0)
-            g_head += tl.sum(tl.where(tail, 0.0, gap), axis=0)
-            seen += tl.sum(at_cut.to(tl.int32), axis=0)
+            low = key < lo
+            inside = inb & (key >= lo) & (key <= top)
+            tail = low | (inside & by_rank & (offs <= cut))
+            listed = inside & ~by_rank
+            g_tail += tl.where(tail, gap, 0.0)
+            g_head += tl.where(tail | listed, 0.0, gap)
+            mass_below += tl.where(low, p, 0.0)
+            slot = tl.atomic_add(akl_row + AKL_LISTED + offs * 0, 1.0, mask=listed).to(tl.int32)
+            tl.store(list_ptr + row * CAPACITY + slot, offs, mask=listed)
     if DIVERGENCE == TODI:
-        tl.store(stats_row + TODI_S, s_a - s_b)
-        div = acc
+        tl.store(stats_row + TODI_S, tl.sum(s_a, axis=0) - tl.sum(s_b, axis=0))
+        _finish_row(loss_ptr, row, keep, tl.sum(acc, axis=0), stats_row, kd_weight, ce_weight, HAS_CE)
     else:
-        total = g_head + g_tail
-        r_h = tl.where(total > 0, g_head / total, 0.5)
-        r_t = tl.where(total > 0, g_tail / total, 0.5)
-        tl.store(stats_row + R_HEAD, r_h)
-        tl.store(stats_row + R_TAIL, r_t)
-        div = r_h * tl.load(stats_row + FKL_COL) + r_t * tl.load(stats_row + RKL_COL)
-    _finish_row(loss_ptr, row, keep, div, stats_row, kd_weight, ce_weight, HAS_CE)
+        tl.store(akl_row + AKL_MASS_BELOW, tl.sum(mass_below, axis=0))
+        tl.store(akl_row + AKL_G_TAIL, tl.sum(g_tail, axis=0))
+        tl.store(akl_row + AKL_G_HEAD, tl.sum(g_head, axis=0))

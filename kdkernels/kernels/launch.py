@@ -3,35 +3,68 @@
 ``kd_forward`` returns ``(row_loss, stats)``; ``kd_backward`` turns the gradient of the row losses into the
 gradient w.r.t. the student logits. Inputs are ``(N, V)`` with unit stride over the vocabulary (rows may
 be strided), in float32, bfloat16 or float16; labels are ``(N,)`` int64 or ``None``.
+
+Every launch goes through :func:`_launch`, which :func:`recording` can divert into a list: that is how
+``aot.py`` compiles exactly the variants these functions launch (same arguments, constexprs and warps).
 """
 
-import os
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
 
 import torch
 import triton
 
+from kdkernels.kernels.akl import akl_rank_kernel, akl_refine_kernel, akl_resolve_kernel
 from kdkernels.kernels.backward import grad_kernel
-from kdkernels.kernels.forward import akl_level_kernel, finish_kernel, stats_kernel
+from kdkernels.kernels.common import AKL_COLS
+from kdkernels.kernels.forward import finish_kernel, stats_kernel
 from kdkernels.torch_ops.layout import DIVERGENCE_CODES, NUM_STATS
 
-STREAM_BLOCK = 4096  # entries per block in the streaming passes
-HIST_BLOCK = 32  # entries per block in the passes that build AKL's 256-bucket histograms...
-HIST_WARPS = 2  # ...on 2 warps: the (block x 256) one-hot compare then fits in registers without spills
-# Triton's interpreter (CPU tests) has no registers to spare but pays per block: wider histogram blocks.
-INTERPRETER_HIST_BLOCK = 1024
+STREAM_BLOCK = 2048  # entries per block of the streaming passes
+STREAM_WARPS = 8
+HINT_BINS = 4  # AKL: thresholds of the stats pass's bracket, ...
+HINT_NATS = 2.0  # ... HINT_NATS apart in t / T
+REFINE_WAYS = 16  # AKL refinement: parts per round
+REFINE_BLOCK = 512
+CAPACITY = 1024  # AKL: most bracket entries ordered by akl_resolve_kernel
+RESOLVE_WARPS = 8
+
+
+@dataclass
+class Launch:
+    """One kernel launch: the kernel, its grid, its positional arguments and its keyword (meta) arguments."""
+
+    kernel: object
+    grid: tuple[int, ...]
+    args: tuple
+    meta: dict
+
+
+_records: list[Launch] | None = None
+
+
+@contextlib.contextmanager
+def recording():
+    """Collect the launches of the calls inside instead of running them (a list of :class:`Launch`)."""
+    global _records
+    previous, _records = _records, []
+    try:
+        yield _records
+    finally:
+        _records = previous
+
+
+def _launch(kernel, grid: tuple[int, ...], *args, **meta) -> None:
+    if _records is not None:
+        _records.append(Launch(kernel, grid, args, meta))
+    else:
+        kernel[grid](*args, **meta)
 
 
 def _block(vocab: int, cap: int) -> int:
     return max(16, min(triton.next_power_of_2(vocab), cap))
-
-
-def hist_block() -> int:
-    """Block of the AKL histogram passes: ``HIST_BLOCK`` on GPUs, wider under the interpreter."""
-    return INTERPRETER_HIST_BLOCK if os.environ.get("TRITON_INTERPRET") == "1" else HIST_BLOCK
-
-
-def _warps(block: int) -> int:
-    return 8 if block >= 2048 else 4
 
 
 def _key_bits(teacher: torch.Tensor) -> int:
@@ -56,40 +89,44 @@ def kd_forward(
     stats = torch.empty((n_rows, NUM_STATS), dtype=torch.float32, device=z.device)
     if n_rows == 0:
         return loss, stats
-    code = DIVERGENCE_CODES[divergence]
     is_akl = divergence == "akl"
-    key = torch.empty(n_rows, dtype=torch.int64, device=z.device) if is_akl else loss
-    key_bits = _key_bits(t)
-    flags = dict(
-        DIVERGENCE=code,
-        HAS_LABELS=labels is not None,
-        HAS_CE=ce_weight != 0.0,
-        KEY_BITS=key_bits,
-    )
+    akl = torch.empty((n_rows, AKL_COLS.value), dtype=torch.float32, device=z.device) if is_akl else stats
+    listed = torch.empty((n_rows, CAPACITY), dtype=torch.int32, device=z.device) if is_akl else stats
     labels_arg = labels if labels is not None else loss
+    has_labels = labels is not None
+    has_ce = ce_weight != 0.0
     inv_t = 1.0 / temperature
-    first_block = _block(vocab, hist_block() if is_akl else STREAM_BLOCK)
-    stats_kernel[(n_rows,)](
-        z, t, labels_arg, loss, stats, key,
-        vocab, z.stride(0), t.stride(0), inv_t, ignore_index, kd_weight, ce_weight, akl_alpha,
-        BLOCK_V=first_block, num_warps=HIST_WARPS if is_akl else _warps(first_block), **flags,
-    )
+    block = _block(vocab, STREAM_BLOCK)
+    grid = (n_rows,)
+    common = dict(DIVERGENCE=DIVERGENCE_CODES[divergence], HAS_LABELS=has_labels, HAS_CE=has_ce)
+    _launch(stats_kernel, grid,
+            z, t, labels_arg, loss, stats, akl,
+            vocab, z.stride(0), t.stride(0), inv_t, ignore_index, kd_weight, ce_weight, akl_alpha,
+            HINT_NATS * temperature,
+            CE_SHARES_Z=temperature == 1.0, KEY_BITS=_key_bits(t), HINT_BINS=HINT_BINS, BLOCK_V=block,
+            num_warps=STREAM_WARPS, **common)
     if is_akl:
-        level_block = _block(vocab, hist_block())
-        for shift in range(key_bits - 16, -1, -8):
-            akl_level_kernel[(n_rows,)](
-                t, labels_arg, stats, key,
+        _launch(akl_refine_kernel, grid,
+                t, labels_arg, stats, akl,
                 vocab, t.stride(0), inv_t, ignore_index, akl_alpha,
-                HAS_LABELS=labels is not None, KEY_BITS=key_bits, SHIFT=shift, BLOCK_V=level_block,
-                num_warps=HIST_WARPS,
-            )
+                HAS_LABELS=has_labels, KEY_BITS=_key_bits(t), WAYS=REFINE_WAYS, CAPACITY=CAPACITY,
+                BLOCK_V=_block(vocab, REFINE_BLOCK), num_warps=STREAM_WARPS)
+        _launch(akl_rank_kernel, grid,
+                t, labels_arg, stats, akl,
+                vocab, t.stride(0), inv_t, ignore_index, akl_alpha,
+                HAS_LABELS=has_labels, KEY_BITS=_key_bits(t), CAPACITY=CAPACITY, BLOCK_V=block,
+                num_warps=STREAM_WARPS)
     if divergence in ("akl", "todi"):
-        block = _block(vocab, STREAM_BLOCK)
-        finish_kernel[(n_rows,)](
-            z, t, labels_arg, loss, stats, key,
-            vocab, z.stride(0), t.stride(0), inv_t, ignore_index, kd_weight, ce_weight, akl_alpha, todi_beta,
-            BLOCK_V=block, num_warps=_warps(block), **flags,
-        )
+        _launch(finish_kernel, grid,
+                z, t, labels_arg, loss, stats, akl, listed,
+                vocab, z.stride(0), t.stride(0), inv_t, ignore_index, kd_weight, ce_weight, akl_alpha, todi_beta,
+                KEY_BITS=_key_bits(t), CAPACITY=CAPACITY, BLOCK_V=block, num_warps=STREAM_WARPS, **common)
+    if is_akl:
+        _launch(akl_resolve_kernel, grid,
+                z, t, labels_arg, loss, stats, akl, listed,
+                z.stride(0), t.stride(0), inv_t, ignore_index, kd_weight, ce_weight, akl_alpha,
+                HAS_LABELS=has_labels, HAS_CE=has_ce, KEY_BITS=_key_bits(t), CAPACITY=CAPACITY,
+                num_warps=RESOLVE_WARPS)
     return loss, stats
 
 
@@ -112,12 +149,10 @@ def kd_backward(
     if n_rows == 0:
         return dz
     grad_rows = grad_rows.to(torch.float32).contiguous()
-    block = _block(vocab, STREAM_BLOCK)
-    grad_kernel[(n_rows,)](
-        z, t, labels if labels is not None else grad_rows, grad_rows, stats, dz,
-        vocab, z.stride(0), t.stride(0), dz.stride(0), 1.0 / temperature, ignore_index,
-        kd_weight, ce_weight, todi_beta,
-        DIVERGENCE=DIVERGENCE_CODES[divergence], HAS_LABELS=labels is not None, HAS_CE=ce_weight != 0.0,
-        BLOCK_V=block, num_warps=_warps(block),
-    )
+    _launch(grad_kernel, (n_rows,),
+            z, t, labels if labels is not None else grad_rows, grad_rows, stats, dz,
+            vocab, z.stride(0), t.stride(0), dz.stride(0), 1.0 / temperature, ignore_index,
+            kd_weight, ce_weight, todi_beta,
+            DIVERGENCE=DIVERGENCE_CODES[divergence], HAS_LABELS=labels is not None, HAS_CE=ce_weight != 0.0,
+            CE_SHARES_Z=temperature == 1.0, BLOCK_V=_block(vocab, STREAM_BLOCK), num_warps=STREAM_WARPS)
     return dz
