@@ -5,7 +5,8 @@ its own so that its weight is gathered only inside its forward) of the tiny stud
 as the README's ``Trainer`` recipe does it: ``num_items_in_batch`` is the count of labelled tokens of the whole
 batch and the loss is multiplied by the number of processes (their gradients are averaged). The halves hold
 different numbers of labelled tokens, so a plain mean per process would not give the same step. After three
-SGD steps both copies must equal one process trained on the whole batch with the plain mean.
+SGD steps both copies must equal one process trained on the whole batch with the plain mean. A sharded
+teacher is refused.
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ def _worker(rank: int, store: str, out: str) -> None:
         train(model, teacher, half, scale=WORLD, num_items_in_batch=count)
         results[kind] = {name: (p.full_tensor() if kind == "fsdp" else p).detach().clone()
                          for name, p in student.named_parameters()}
+    with pytest.raises(TypeError, match="sharded .* teachers are not supported"):
+        causal_lm_kd_loss(teacher, student, half)  # the teacher's weight is read outside its forward
     if rank == 0:
         torch.save(results, out)
     dist.destroy_process_group()

@@ -113,6 +113,8 @@ def test_refuses_softcapping_logit_scale_and_vocab_mismatch():
         causal_lm_kd_loss(student, tiny_llama(16, 1, vocab=VOCAB + 1), inputs)
     with pytest.raises(TypeError, match="PreTrainedModel"):
         causal_lm_kd_loss(torch.nn.Linear(2, 2), student, inputs)
+    with pytest.raises(TypeError, match="DataParallel is not supported; use DistributedDataParallel"):
+        causal_lm_kd_loss(torch.nn.DataParallel(student), tiny_llama(16, 1), inputs)
     with pytest.raises(ValueError, match="input_ids"):
         causal_lm_kd_loss(student, tiny_llama(16, 1), {})
 

@@ -90,8 +90,8 @@ def _check_unsharded(model: torch.nn.Module) -> None:
     from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.distributed.tensor import DTensor
 
-    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()) or \
-            any(isinstance(p, DTensor) for p in model.parameters()):
+    wrapped = any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
+    if wrapped or any(isinstance(p, DTensor) for p in model.parameters()):
         raise TypeError("teacher: sharded (FSDP or tensor-parallel) teachers are not supported; keep a full copy "
                         "of the teacher on each rank (only the student may be DDP- or FSDP-wrapped)")
 
