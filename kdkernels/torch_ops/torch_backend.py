@@ -1,19 +1,28 @@
 """The torch backend: the production path for CPU tensors.
 
-It computes the same per-row statistics as the Triton kernels (``layout.py``) and the analytic gradient of
-SPEC §2, a chunk of ``chunk_rows(V)`` rows at a time, so its extra memory is a few ``(chunk, V)``
-temporaries whatever ``N``. It works in float32, or in float64 when an input is float64 (for ``gradcheck``).
+It computes the per-row statistics of ``layout.py`` and the analytic gradient of SPEC §2, a chunk of rows at a
+time, so its extra memory is bounded by a chunk whatever ``N``. It works in float32, or in float64 when an input
+is float64 (for ``gradcheck``).
 
-Speed. The chunk functions follow the kernels: ``e_z = exp(z/T - max)`` and ``e_t = exp(t/T - max)`` are
-computed once and the row sums come from them (``F`` and ``R`` from centred sums, as in
-``kernels/forward.py``); ToDi's two sigmoids share one ``exp``; AKL's cut is the kernels' radix select
-(``akl_select.py``), not a sort. On large CPU inputs in float32 or 16-bit
-floats (at least ``COMPILE_MIN_ELEMENTS`` entries) the chunk functions run through ``torch.compile``, which
-fuses each into a few loops over the row. Shapes are static and the chunk has a fixed row count: the last
-chunk ends at row ``N`` and overlaps the one before it, so there is one compilation per set of options and
-``V``, whatever ``N``. The first such call pays the compilation (tens of seconds on a small CPU); the
-environment variable ``KDKERNELS_COMPILE=0`` keeps everything eager. Where compilation is unavailable or
-fails, the same functions run eagerly, after a warning.
+Log-probabilities. With ``x`` a row of scaled logits (``z / T``, ``t / T``, or the raw ``z`` for the hard-label
+term), ``m = max x`` and ``s = sum exp(x - m)``, every log-probability is formed as ``(x - m) - log s``, as
+``log_softmax`` does, never as ``x - lse`` with ``lse = m + log s`` rounded to one float32 number: at
+``|x| = 1e4`` that rounding alone moves every probability by 5e-4, and at ``x = -1e9`` (a common mask value) it
+swallows ``log s`` entirely. So in this backend the columns ``LSE_Z``, ``LSE_T`` and ``LSE_CE`` of ``stats`` hold
+``log s`` only, relative to the row max, and the backward recomputes the max from its chunk (a row of all
+``-inf`` has ``m = 0`` and, for the divergences, ``log s = 0``, so its probabilities are exactly 0). The stats
+never leave the backend: the op hands them from this forward to this backward.
+
+Speed. The chunk functions follow the kernels: ``e = exp(x - m)`` is computed once and the forward's sums come
+from it (``F`` and ``R`` from centred sums, as in ``kernels/forward.py``); ToDi's two sigmoids share one
+``exp``; AKL's cut is the kernels' radix select (``akl_select.py``), not a sort. CPU inputs in float32 or
+16-bit floats with at least ``COMPILE_MIN_ELEMENTS`` entries run the chunk functions through ``torch.compile``,
+which fuses each into a few loops over the rows and keeps no ``(chunk, V)`` buffer (AKL's radix select keeps a
+few, hence its smaller chunks). The row count is dynamic, so one compilation per set of options serves every
+``N`` (the chunks have the same row count, the last one overlapping its predecessor, except for inputs of a
+single chunk). The first call with new options pays the compilation (seconds to tens of seconds on a small
+CPU); the environment variable ``KDKERNELS_COMPILE=0`` keeps everything eager. Where compilation is unavailable
+or fails, the same functions run eagerly, after a warning. Smaller inputs (the test suite's) run eagerly.
 """
 
 from __future__ import annotations
@@ -29,11 +38,10 @@ from kdkernels.torch_ops.akl_select import akl_weights_select
 from kdkernels.torch_ops.reference import compute_dtype
 
 CHUNK_ELEMENTS = 1 << 21  # entries of one (chunk, V) temporary on the eager path
-# Compiled chunks are larger (fewer calls and parallel regions per batch): inductor fuses the chunk functions
-# into loops that keep no (chunk, V) buffer, except ToDi's forward, which keeps three (3 x 32 MiB in float32).
-# Smaller inputs run eagerly, so test-sized calls never compile.
-COMPILED_CHUNK_ELEMENTS = COMPILE_MIN_ELEMENTS = 1 << 23
+COMPILED_CHUNK_ELEMENTS = 1 << 23  # entries of one compiled chunk
+COMPILE_MIN_ELEMENTS = 1 << 18  # smaller inputs run eagerly, so test-sized calls never compile
 AKL_CHUNK_DIVISOR = 8
+RECOMPILE_LIMIT = 64  # compilations of one chunk function (options x V) before dynamo runs it eagerly
 NEG_INF = float("-inf")
 _FAILED: set[str] = set()  # chunk functions whose compilation failed in this process
 
@@ -43,42 +51,49 @@ def chunk_rows(vocab: int, compiled: bool = False) -> int:
     return max(1, (COMPILED_CHUNK_ELEMENTS if compiled else CHUNK_ELEMENTS) // max(vocab, 1))
 
 
-def _centred(x: torch.Tensor, temperature: float, dtype: torch.dtype):
-    """``(c, e, s, lse)`` of logits ``x`` ``(rows, V)``: ``c = x/T - max`` (the max taken as 0 in an all -inf
-    row), ``e = exp(c)`` (0 at -inf entries), ``s = sum e`` and ``lse = max + log s`` (-inf for an all -inf row).
-    """
-    xs = x.to(dtype) / temperature
-    m = xs.amax(-1, keepdim=True)
-    m = torch.where(m == NEG_INF, 0.0, m)
-    c = xs - m
+def _scaled(x: torch.Tensor, temperature: float, dtype: torch.dtype) -> torch.Tensor:
+    """``x / T`` in the compute dtype (no division at ``T = 1``, where it is exact)."""
+    x = x.to(dtype)
+    return x if temperature == 1.0 else x / temperature
+
+
+def _row_max(x: torch.Tensor) -> torch.Tensor:
+    """Row maxima ``(rows, 1)`` of ``x`` ``(rows, V)``; 0 for an all ``-inf`` row, so that ``x - max`` stays
+    ``-inf`` there instead of NaN."""
+    m = x.amax(-1, keepdim=True)
+    return torch.where(m == NEG_INF, 0.0, m)
+
+
+def _centred(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(c, e, s)`` of a chunk ``x`` ``(rows, V)``: ``c = x - max``, ``e = exp(c)`` (0 at ``-inf`` entries) and
+    ``s = sum e`` ``(rows,)``."""
+    c = x - _row_max(x)
     e = c.exp()
-    s = e.sum(-1)
-    return c, e, s, m[:, 0] + s.log()
+    return c, e, e.sum(-1)
 
 
-def _probs(z, t, lse_z, lse_t, temperature: float, dtype: torch.dtype):
-    """``(q, p, d, live)`` of one chunk from its logits and final log-sum-exps, all ``(rows, V)``.
+def _log_sum(s: torch.Tensor) -> torch.Tensor:
+    """``log s``, or 0 where ``s = 0`` (an all ``-inf`` row: its probabilities ``exp(c - log s)`` are then 0)."""
+    return torch.where(s == 0, 0.0, s.log())
 
-    ``d = lq - lp`` (0 where masked); ``exp(-inf - lse)`` is 0, and all -inf rows give probabilities 0, not NaN.
-    """
-    zs = z.to(dtype) / temperature
-    ts = t.to(dtype) / temperature
-    live = (zs != NEG_INF) & (ts != NEG_INF)
-    lq = zs - lse_z[:, None]
-    lp = ts - lse_t[:, None]
-    q = torch.where(zs == NEG_INF, 0.0, lq.exp())
-    p = torch.where(ts == NEG_INF, 0.0, lp.exp())
-    return q, p, torch.where(live, lq - lp, 0.0), live
+
+def _log_probs(x: torch.Tensor, log_sum: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities ``(x - max) - log s`` ``(rows, V)`` of the rows of ``x`` from their ``log s`` ``(rows,)``,
+    the max recomputed from ``x``."""
+    return (x - _row_max(x)) - log_sum[:, None]
 
 
 def _sigmoids(d: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """ToDi's ``w = sigmoid(-b d)`` and ``c = sigmoid(b d)`` from one ``u = exp(-b |d|)``.
+    """ToDi's ``w = sigmoid(-b d)`` and ``c = sigmoid(b d)``, neither formed as ``1 - other``.
 
-    With ``r = 1 / (1 + u)`` the larger of the two is ``r`` and the smaller ``u r``, each accurate to a few
-    ulp (neither is formed as ``1 - other``).
+    Compiled, from one ``u = exp(-b |d|)``: with ``r = 1 / (1 + u)`` the larger of the two is ``r`` and the
+    smaller ``u r``, each accurate to a few ulp, one ``exp`` per entry instead of two. Eager, two fused
+    ``torch.sigmoid`` calls, fewer passes over the chunk.
     """
+    if not torch.compiler.is_compiling():
+        return torch.sigmoid(-beta * d), torch.sigmoid(beta * d)
     u = torch.exp(-beta * d.abs())
-    big = 1.0 / (1.0 + u)
+    big = (1.0 + u).reciprocal()
     small = u * big
     positive = d >= 0
     return torch.where(positive, small, big), torch.where(positive, big, small)
@@ -97,23 +112,28 @@ def _kl_sums(e: torch.Tensor, s: torch.Tensor, centred_diff: torch.Tensor, live:
 
 
 def _cross_entropy(z: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(lse, ce)`` of raw logits ``z`` (temperature 1); NaN CE for labels outside [0, V)."""
-    zf = z.to(dtype)
-    lse = torch.logsumexp(zf, dim=-1)
+    """``(log s, ce)`` of the raw logits ``z`` (temperature 1): ``ce = log s - (z_label - max)``, NaN for a label
+    outside ``[0, V)`` and for a row of all ``-inf`` (as ``F.cross_entropy``)."""
+    c, _, s = _centred(z.to(dtype))
+    log_sum = s.log()
     valid = (labels >= 0) & (labels < z.shape[-1])
-    picked = zf.gather(-1, torch.where(valid, labels, 0)[:, None])[:, 0]
-    return lse, torch.where(valid, lse - picked, float("nan"))
+    picked = c.gather(-1, torch.where(valid, labels, 0)[:, None])[:, 0]
+    return log_sum, torch.where(valid, log_sum - picked, float("nan"))
 
 
 def forward_chunk(z, t, labels, divergence, ignore_index, temperature, akl_alpha, todi_beta, kd_weight, ce_weight):
-    """Row losses ``(rows,)`` and statistics ``(rows, NUM_STATS)`` (NaN in unused columns) of one chunk."""
+    """Row losses ``(rows,)`` of one chunk and its statistics, as ``{column of layout.py: (rows,)}``.
+
+    Separate outputs instead of one ``(rows, NUM_STATS)`` tensor: compiled, they come out of one loop over the
+    rows, where a stacked tensor costs a loop (and a thread barrier) per column.
+    """
     dtype = compute_dtype(z, t)
-    a, e_z, s_z, lse_z = _centred(z, temperature, dtype)
-    b, e_t, s_t, lse_t = _centred(t, temperature, dtype)
-    live = (a != NEG_INF) & (b != NEG_INF)
-    log_ratio = s_t.log() - s_z.log()
-    cols = [torch.full_like(lse_z, float("nan"))] * layout.NUM_STATS
-    cols[layout.LSE_Z], cols[layout.LSE_T] = lse_z, lse_t
+    a, e_z, s_z = _centred(_scaled(z, temperature, dtype))
+    b, e_t, s_t = _centred(_scaled(t, temperature, dtype))
+    log_s_z, log_s_t = _log_sum(s_z), _log_sum(s_t)
+    live = torch.minimum(a, b) != NEG_INF  # neither is -inf
+    log_ratio = log_s_t - log_s_z
+    cols = {layout.LSE_Z: log_s_z, layout.LSE_T: log_s_t}
     if divergence in ("fkl", "akl"):
         cols[layout.MASS_P], cols[layout.FKL] = _kl_sums(e_t, s_t, b - a, live, log_ratio)
         div = cols[layout.FKL]
@@ -126,29 +146,44 @@ def forward_chunk(z, t, labels, divergence, ignore_index, temperature, akl_alpha
         cols[layout.R_HEAD], cols[layout.R_TAIL] = akl_weights_select(t, p, q, akl_alpha)
         div = cols[layout.R_HEAD] * cols[layout.FKL] + cols[layout.R_TAIL] * cols[layout.RKL]
     if divergence == "todi":
-        # From the inputs and the final log-sum-exps, as the kernels' second pass: compiled, this is one more
-        # fused loop over z and t instead of (chunk, V) buffers kept from the first.
-        q, p, d, live = _probs(z, t, lse_z, lse_t, temperature, dtype)
+        lq, lp = a - log_s_z[:, None], b - log_s_t[:, None]
+        d = torch.where(live, lq - lp, 0.0)
         w, c = _sigmoids(d, todi_beta)
-        s_a = torch.where(live, w * p, 0.0).sum(-1)
-        s_b = torch.where(live, c * q * (d + 1.0), 0.0).sum(-1)
+        w_p, c_q = w * lp.exp(), c * lq.exp()
+        s_a = torch.where(live, w_p, 0.0).sum(-1)
+        s_b = torch.where(live, c_q * (d + 1.0), 0.0).sum(-1)
         cols[layout.TODI_S] = s_a - s_b
-        div = torch.where(live, (c * q - w * p) * d, 0.0).sum(-1)
+        div = ((c_q - w_p) * d).sum(-1)  # d = 0 where masked
     row_loss = kd_weight * div
     if labels is not None:
         if ce_weight != 0.0:
             cols[layout.LSE_CE], cols[layout.CE] = _cross_entropy(z, labels, dtype)
             row_loss = row_loss + ce_weight * cols[layout.CE]
         row_loss = torch.where(labels != ignore_index, row_loss, 0.0)
-    return row_loss, torch.stack(cols, dim=-1)
+    return row_loss, cols
+
+
+def _soft_minus_onehot(z: torch.Tensor, labels: torch.Tensor, log_sum: torch.Tensor, dtype: torch.dtype):
+    """``softmax(z) - onehot(label)`` ``(rows, V)``, the CE gradient, from the raw logits' ``log s``; all NaN in
+    a row whose label is outside ``[0, V)``."""
+    valid = (labels >= 0) & (labels < z.shape[-1])
+    soft = torch.where(valid[:, None], _log_probs(z.to(dtype), log_sum).exp(), float("nan"))
+    minus_one = torch.full_like(log_sum, -1.0)[:, None]
+    return soft.scatter_add_(1, torch.where(valid, labels, 0)[:, None], minus_one)
 
 
 def backward_chunk(out, grad_rows, z, t, labels, stats, divergence, ignore_index, temperature, todi_beta,
                    kd_weight, ce_weight) -> None:
-    """Write the gradient of one chunk of rows into ``out`` ``(rows, V)`` (SPEC §2, times ``g kd_weight / T``)."""
+    """Write the gradient of one chunk of rows into ``out`` ``(rows, V)``: SPEC §2 times ``g kd_weight / T``,
+    plus ``g ce_weight (softmax(z) - onehot)``, with ``g = grad_rows`` ``(rows,)``."""
     dtype = compute_dtype(z, t)
     st = stats.to(dtype)
-    q, p, d, live = _probs(z, t, st[:, layout.LSE_Z], st[:, layout.LSE_T], temperature, dtype)
+    zs, ts = _scaled(z, temperature, dtype), _scaled(t, temperature, dtype)
+    lq, lp = _log_probs(zs, st[:, layout.LSE_Z]), _log_probs(ts, st[:, layout.LSE_T])
+    q, p = lq.exp(), lp.exp()
+    live = torch.minimum(zs, ts) != NEG_INF  # neither is -inf
+    if divergence != "fkl":
+        d = torch.where(live, lq - lp, 0.0)
     if divergence in ("fkl", "akl"):
         g_f = q * st[:, layout.MASS_P, None] - torch.where(live, p, 0.0)
     if divergence in ("rkl", "akl"):
@@ -167,36 +202,42 @@ def backward_chunk(out, grad_rows, z, t, labels, stats, divergence, ignore_index
     grad = (g * (kd_weight / temperature)) * g_div
     if labels is not None:
         if ce_weight != 0.0:
-            zf = z.to(dtype)
-            soft = torch.where(zf == NEG_INF, 0.0, (zf - st[:, layout.LSE_CE, None]).exp())
-            onehot = torch.arange(z.shape[-1], device=z.device)[None, :] == labels[:, None]
-            grad = grad + (g * ce_weight) * (soft - onehot.to(dtype))
+            grad = grad + (g * ce_weight) * _soft_minus_onehot(z, labels, st[:, layout.LSE_CE], dtype)
         grad = torch.where((labels != ignore_index)[:, None], grad, 0.0)
     out.copy_(grad)
 
 
 @functools.cache
 def _compiled(fn):
+    """``fn`` through ``torch.compile`` with static shapes, except the rows that ``_run`` marks dynamic."""
     return torch.compile(fn, dynamic=False)
 
 
 def _use_compiled(z: torch.Tensor, t: torch.Tensor) -> bool:
-    """Compile for large float32/16-bit CPU inputs with at least one full chunk, unless disabled."""
+    """Compile for float32/16-bit CPU inputs of at least ``COMPILE_MIN_ELEMENTS`` entries, unless disabled."""
     return (
         z.device.type == "cpu"
         and compute_dtype(z, t) == torch.float32
         and z.numel() >= COMPILE_MIN_ELEMENTS
-        and z.shape[0] >= chunk_rows(z.shape[1], compiled=True)
         and os.environ.get("KDKERNELS_COMPILE", "1") != "0"
         and not torch.compiler.is_compiling()
     )
 
 
 def _run(fn, compiled: bool, *args):
-    """``fn(*args)``, through ``torch.compile`` when ``compiled`` and its compilation has not failed before."""
+    """``fn(*args)``, through ``torch.compile`` when ``compiled`` and its compilation has not failed before.
+
+    The row count of the tensor arguments is marked dynamic (one compilation serves every chunk size but 1);
+    ``V`` and the options stay static (a compilation each), so ``RECOMPILE_LIMIT`` lifts dynamo's default of 8
+    compilations per function for these calls (four divergences at two vocabularies already make 8).
+    """
     if compiled and fn.__name__ not in _FAILED:
+        for x in args:
+            if isinstance(x, torch.Tensor) and x.shape[0] > 1:
+                torch._dynamo.mark_dynamic(x, 0)
         try:
-            return _compiled(fn)(*args)
+            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                return _compiled(fn)(*args)
         except Exception as err:  # no C++ compiler, unsupported platform, or an inductor failure
             _FAILED.add(fn.__name__)
             warnings.warn(f"kdkernels: torch.compile of {fn.__name__} failed, running eagerly: {err!r}", stacklevel=2)
@@ -205,9 +246,10 @@ def _run(fn, compiled: bool, *args):
 
 def _row_ranges(n_rows: int, step: int, aligned: bool):
     """``[lo, hi)`` ranges of ``step`` rows covering ``n_rows``; ``aligned``: the last one ends at ``n_rows``
-    with a full ``step`` rows (overlapping its predecessor), so every chunk has the same shape."""
+    with a full ``step`` rows when ``n_rows >= step`` (overlapping its predecessor), so the chunks have one
+    shape."""
     for lo in range(0, n_rows, step):
-        lo = min(lo, n_rows - step) if aligned else lo
+        lo = max(0, min(lo, n_rows - step)) if aligned else lo
         yield lo, min(lo + step, n_rows)
 
 
@@ -223,18 +265,21 @@ def kd_forward(
     kd_weight: float,
     ce_weight: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row losses ``(N,)`` and statistics ``(N, NUM_STATS)`` of ``z``, ``t`` ``(N, V)``; see ``layout.py``."""
+    """Row losses ``(N,)`` and statistics ``(N, NUM_STATS)`` of ``z``, ``t`` ``(N, V)``; see ``layout.py`` and the
+    module docstring (the ``LSE_*`` columns hold ``log s``)."""
     n_rows, vocab = z.shape
     dtype = compute_dtype(z, t)
     loss = torch.empty(n_rows, dtype=dtype, device=z.device)
-    stats = torch.empty((n_rows, layout.NUM_STATS), dtype=dtype, device=z.device)
+    stats = torch.full((n_rows, layout.NUM_STATS), float("nan"), dtype=dtype, device=z.device)
     compiled = _use_compiled(z, t)
     # AKL's radix select keeps a few (chunk, V) buffers (keys, masses, ranks) even compiled: smaller chunks.
     step = chunk_rows(vocab, compiled) // (AKL_CHUNK_DIVISOR if divergence == "akl" else 1)
     for lo, hi in _row_ranges(n_rows, max(step, 1), compiled):
         lab = None if labels is None else labels[lo:hi]
-        loss[lo:hi], stats[lo:hi] = _run(forward_chunk, compiled, z[lo:hi], t[lo:hi], lab, divergence,
-                                         ignore_index, temperature, akl_alpha, todi_beta, kd_weight, ce_weight)
+        loss[lo:hi], cols = _run(forward_chunk, compiled, z[lo:hi], t[lo:hi], lab, divergence, ignore_index,
+                                 temperature, akl_alpha, todi_beta, kd_weight, ce_weight)
+        for col, value in cols.items():
+            stats[lo:hi, col] = value
     return loss, stats
 
 
