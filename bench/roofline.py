@@ -12,7 +12,7 @@ iteration and the ``MUFU`` (special-function) ones, which give per element of th
 Per kernel the time is the largest of memory (bytes / bandwidth), issue (instructions / (SMs x 4 per clock))
 and MUFU (operations / (SMs x 16 per clock)), plus the instructions outside the loop once per row; its
 ``bound`` is the largest. Instructions are counted as if every branch in the loop were taken.
-Data-dependent work (AKL's refinement rounds over ``t``) is measured by running the same kernels through
+Data-dependent work (AKL's refinement rounds over ``t`` and its rank pass for large tie groups) is measured by running the same kernels through
 Triton's interpreter on sample rows of two teachers: ``peaked`` (``3 * randn`` logits at T = 1, the bench's
 default) and ``flat`` (``randn`` at T = 2: every entry within a few nats of the maximum, the cut deep in the
 vocabulary).
@@ -52,6 +52,7 @@ SIZES = {"bf16": 2, "fp16": 2, "fp32": 4}
 STREAMS = {
     "stats_kernel": ("z", "t"),
     "akl_refine_kernel": ("t",),
+    "akl_rank_kernel": ("t",),
     "finish_kernel": ("z", "t"),
     "grad_kernel": ("z", "t", "dz"),
     "akl_resolve_kernel": (),
@@ -139,17 +140,19 @@ def kernel_cost(record, student: str, teacher: str) -> KernelCost:
                       registers=res["reg"], local_bytes=res["local"] + res["stack"])
 
 
-def sample_rounds(teacher: str, dtype: str, vocab: int, rows: int = 4) -> float:
-    """Mean AKL refinement rounds per row for sample rows of ``teacher``, from the kernels run by Triton's
-    interpreter (in a subprocess: the interpreter must be set before triton is imported)."""
+def sample_passes(teacher: str, dtype: str, vocab: int, rows: int = 4) -> dict[str, float]:
+    """Row passes of AKL's data-dependent kernels for sample rows of ``teacher``: the mean refinement rounds and
+    the share of rows settled by rank (one key with more than ``CAPACITY`` entries), from the kernels run by
+    Triton's interpreter (in a subprocess: the interpreter must be set before triton is imported)."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     scale, temperature = TEACHERS[teacher]
-    code = (f"from bench.roofline import _rounds; print(_rounds({scale}, {temperature}, {dtype!r}, {vocab}, {rows}))")
+    code = f"from bench.roofline import _passes; print(_passes({scale}, {temperature}, {dtype!r}, {vocab}, {rows}))"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    return float(out.stdout.split()[-1])
+    rounds, ranked = out.stdout.split()[-2:]
+    return {"akl_refine_kernel": float(rounds), "akl_rank_kernel": float(ranked)}
 
 
-def _rounds(scale: float, temperature: float, dtype: str, vocab: int, rows: int) -> float:
+def _passes(scale: float, temperature: float, dtype: str, vocab: int, rows: int) -> str:
     import torch
 
     from kdkernels.kernels import launch
@@ -162,8 +165,8 @@ def _rounds(scale: float, temperature: float, dtype: str, vocab: int, rows: int)
         launch.kd_forward(z, t, None, "akl", -100, temperature, 0.5, 1.0, 1.0, 0.0)
     for r in records:
         r.kernel[r.grid](*r.args, **r.meta)
-    akl = records[0].args[5]
-    return akl[:, 7].mean().item()  # AKL_ROUNDS
+    akl = records[0].args[5]  # AKL_COUNT, AKL_ROUNDS: columns 2 and 7 (kernels/common.py)
+    return f"{akl[:, 7].mean().item()} {(akl[:, 2] > launch.CAPACITY).double().mean().item()}"
 
 
 def divergence_rows(divergence: str, student: str, teacher_dtype: str, rows: int, vocab: int,
@@ -176,14 +179,14 @@ def divergence_rows(divergence: str, student: str, teacher_dtype: str, rows: int
     floor_bytes = rows * vocab * (2 * SIZES[student] + SIZES[teacher_dtype])
     results = []
     for teacher in teachers:
-        rounds = sample_rounds(teacher, teacher_dtype, vocab) if divergence == "akl" else 0.0
+        sampled = sample_passes(teacher, teacher_dtype, vocab) if divergence == "akl" else {}
         out = dict(divergence=divergence, student=student, teacher_dtype=teacher_dtype, teacher=teacher, rows=rows,
-                   vocab=vocab, refine_rounds=rounds, kernels=[])
+                   vocab=vocab, sampled=sampled, kernels=[])
         for card in CARDS:
             total = 0.0
             traffic = 0.0
             for cost in costs:
-                passes = rounds if cost.name == "akl_refine_kernel" else 1.0
+                passes = sampled.get(cost.name, 1.0)
                 seconds, bound = cost.seconds(card, rows * passes, vocab)
                 total += seconds
                 traffic += rows * passes * vocab * cost.bytes_per_elem / CARDS[card][0]
@@ -216,7 +219,7 @@ def print_report(results: list[dict]) -> None:
           f"sm_90a SASS of the launched kernels; H100 {CARDS['H100'][0] / 1e12:.2f} TB/s, "
           f"H200 {CARDS['H200'][0] / 1e12:.2f} TB/s, {CARDS['H100'][1]} SMs at {CARDS['H100'][2] / 1e9:.2f} GHz")
     print("\nPer kernel (H100): instr/elem = warp-instructions per element in the vocabulary loop, mufu/elem = "
-          "special-function lane ops per element, passes = row passes (AKL refinement: mean rounds of sample rows)")
+          "special-function lane ops per element, passes = row passes (AKL refinement and rank: per row of sample rows)")
     head = (f"{'divergence':<10} {'teacher':<12} {'kernel':<19} {'warps':>5} {'block':>5} {'regs':>4} {'spill':>5} "
             f"{'instr/elem':>10} {'mufu/elem':>9} {'bytes/elem':>10} {'passes':>6} {'bound':>6}")
     print(head)

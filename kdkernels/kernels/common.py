@@ -67,6 +67,14 @@ def safe_max(m):
 
 
 @triton.jit
+def rescale(old_max, new_max, scale2):
+    """``exp2((old - new) * scale2)``: the factor that moves sums from one (safe) maximum to a larger one. The
+    exponent is clamped at 0: while a row has no finite entry its sums are 0 and its safe maximum (0) may lie
+    above the first finite one."""
+    return tl.exp2(tl.minimum((old_max - new_max) * scale2, 0.0))
+
+
+@triton.jit
 def safe_log(s):
     """``log s`` with 0 for an empty sum, so that ``(x - max) / T - log s`` stays -inf (not NaN) at -inf
     entries of a row without finite entries; a NaN sum stays NaN."""

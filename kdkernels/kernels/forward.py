@@ -52,6 +52,7 @@ from kdkernels.kernels.common import (
     load_key,
     log2_probs,
     order_key,
+    rescale,
     row_keep,
     safe_log,
     safe_max,
@@ -119,8 +120,8 @@ def stats_kernel(
         rt_old = safe_max(m_t)
         rz = safe_max(mz_new)
         rt = safe_max(mt_new)
-        scale_z = tl.exp2((rz_old - rz) * scale2)
-        scale_t = tl.exp2((rt_old - rt) * scale2)
+        scale_z = rescale(rz_old, rz, scale2)
+        scale_t = rescale(rt_old, rt, scale2)
         c_z = (z - rz) * scale2
         c_t = (t - rt) * scale2
         e_z = tl.exp2(c_z)
@@ -130,7 +131,9 @@ def stats_kernel(
         if NEED_F or NEED_R:
             live = (z != float("-inf")) & (t != float("-inf"))
             diff = c_t - c_z
-            shift = ((rt_old - rt) - (rz_old - rz)) * scale2  # moves old centred differences to the new maxima
+            # moves old centred differences to the new maxima (no old terms while either row had no finite entry)
+            shift = tl.where((m_t == float("-inf")) | (m_z == float("-inf")), 0.0,
+                             ((rt_old - rt) - (rz_old - rz)) * scale2)
         if NEED_F:
             a_f = scale_t * (a_f + p_s * shift) + tl.where(live, e_t * diff, 0.0)
             p_s = p_s * scale_t + tl.where(live, e_t, 0.0)
@@ -140,7 +143,7 @@ def stats_kernel(
         if OWN_CE:
             mc_new = tl.maximum(m_c, tl.max(z, axis=0))
             rc = safe_max(mc_new)
-            s_c = s_c * tl.exp2((safe_max(m_c) - rc) * LOG2E) + tl.exp2((z - rc) * LOG2E)
+            s_c = s_c * rescale(safe_max(m_c), rc, LOG2E) + tl.exp2((z - rc) * LOG2E)
             m_c = mc_new
         if DIVERGENCE == AKL:
             # thresholds fixed by the first block's maximum; masses relative to the top one (never above 1)
