@@ -1,7 +1,8 @@
-"""The torch backend's compiled chunk path (used for large CPU inputs) and its fixed chunk shape.
+"""The torch backend's compiled chunk path (used for CPU inputs of at least ``COMPILE_MIN_ELEMENTS`` entries).
 
-Small calls run eagerly (``COMPILE_MIN_ELEMENTS``), so the rest of the suite never compiles; here the threshold
-and chunk size are lowered to reach the compiled path once, at a modest size, for one divergence.
+Small calls run eagerly, so the rest of the suite never compiles; here the threshold and chunk size are lowered to
+reach the compiled path at a modest size: any row count on one compilation, and the numerics of
+tests/test_torch_backend_numerics.py.
 """
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 import kdkernels as kd
 from kdkernels.torch_ops import torch_backend
-from tests.utils import assert_matches_reference
+from tests.utils import assert_matches_reference, loss_and_grad
 
 
 def test_row_ranges_have_one_shape_when_aligned():
@@ -40,3 +41,39 @@ def test_compiled_chunks_match_reference_for_any_row_count(monkeypatch, divergen
         assert_matches_reference(lambda x, t=t, o=options: kd.kd_loss(x, t, divergence, backend="torch", **o), z, t,
                                  divergence, **options)
     assert not torch_backend._FAILED
+
+
+def test_compiled_chunks_keep_the_numerics(monkeypatch):
+    """Compiled, as eager (tests/test_torch_backend_numerics.py): logits around 1e4, teacher and student rows of
+    -1e9 and the hard-label term match the reference; a label outside [0, V) gives a NaN row gradient."""
+    monkeypatch.setattr(torch_backend, "COMPILE_MIN_ELEMENTS", 0)
+    gen = torch.Generator().manual_seed(1)
+    z = 2 * torch.randn(6, 301, generator=gen)
+    t = 2 * torch.randn(6, 301, generator=gen)
+    z[:3] += 1e4
+    t[:3] += 1e4
+    t[3] = -1e9
+    z[4] = -1e9
+    labels = torch.tensor([0, 17, -100, 300, 5, 150])
+    options = dict(labels=labels, ce_weight=0.5, temperature=2.0, reduction="none")
+    assert_matches_reference(lambda x: kd.kd_loss(x, t, "fkl", backend="torch", **options), z, t, "fkl", **options)
+    labels[1] = 301
+    loss, grad = loss_and_grad(lambda x: kd.kd_loss(x, t, "fkl", backend="torch", **options), z)
+    assert torch.isnan(loss[1]) and torch.isnan(grad[1]).all()
+    assert torch.isfinite(grad[[0, 2, 3, 4, 5]]).all()
+    assert not torch_backend._FAILED
+
+
+def test_one_compilation_serves_every_row_count(monkeypatch):
+    """The row count is dynamic: after the first call (one forward and one backward graph), other N, below or
+    above the chunk size, compile nothing."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(torch_backend, "COMPILE_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(torch_backend, "COMPILED_CHUNK_ELEMENTS", 8 * 300)  # 8 rows per chunk
+    graphs = []
+    for n in (9, 5, 20, 2):
+        z = torch.randn(n, 300, requires_grad=True)
+        kd.kd_loss(z, torch.randn(n, 300), "rkl", temperature=3.0, backend="torch").backward()
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[1:] == graphs[:1] * 3, graphs

@@ -14,15 +14,17 @@ swallows ``log s`` entirely. So in this backend the columns ``LSE_Z``, ``LSE_T``
 never leave the backend: the op hands them from this forward to this backward.
 
 Speed. The chunk functions follow the kernels: ``e = exp(x - m)`` is computed once and the forward's sums come
-from it (``F`` and ``R`` from centred sums, as in ``kernels/forward.py``); ToDi's two sigmoids share one
-``exp``; AKL's cut is the kernels' radix select (``akl_select.py``), not a sort. CPU inputs in float32 or
-16-bit floats with at least ``COMPILE_MIN_ELEMENTS`` entries run the chunk functions through ``torch.compile``,
-which fuses each into a few loops over the rows and keeps no ``(chunk, V)`` buffer (AKL's radix select keeps a
-few, hence its smaller chunks). The row count is dynamic, so one compilation per set of options serves every
-``N`` (the chunks have the same row count, the last one overlapping its predecessor, except for inputs of a
-single chunk). The first call with new options pays the compilation (seconds to tens of seconds on a small
-CPU); the environment variable ``KDKERNELS_COMPILE=0`` keeps everything eager. Where compilation is unavailable
-or fails, the same functions run eagerly, after a warning. Smaller inputs (the test suite's) run eagerly.
+from it (``F`` and ``R`` from centred sums, as in ``kernels/forward.py``); AKL's cut is the kernels' radix select
+(``akl_select.py``), not a sort. CPU inputs in float32 or 16-bit floats with at least ``COMPILE_MIN_ELEMENTS``
+entries (``2**18``: N = 32 rows of V = 8192) run the chunk functions through ``torch.compile``: inductor turns
+each into one or a few loops over the rows (the backward recomputes a row's max and writes its gradient while
+the row is in cache) and keeps no ``(chunk, V)`` buffer, except in AKL's radix select (hence its smaller
+chunks). Shapes are static but for the row count, which is marked dynamic, so one compilation per set of options
+and ``V`` serves every ``N``; the chunks have ``COMPILED_CHUNK_ELEMENTS / V`` rows (the last one overlapping its
+predecessor), or ``N`` when fewer. The first call with new options pays the compilation (several seconds per
+function on a small CPU); the environment variable ``KDKERNELS_COMPILE=0`` keeps everything eager. Where
+compilation is unavailable or fails, the same functions run eagerly, after a warning. Smaller inputs, the test
+suite's among them, run eagerly, where fewer passes count more than fewer ``exp`` calls (ToDi's sigmoids).
 """
 
 from __future__ import annotations
