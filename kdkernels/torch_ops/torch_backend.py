@@ -4,23 +4,22 @@ It computes the per-row statistics of ``layout.py`` and the analytic gradient of
 time, so its extra memory is bounded by a chunk whatever ``N``. It works in float32, or in float64 when an input
 is float64 (for ``gradcheck``).
 
-Log-probabilities. With ``x`` a row of scaled logits (``z / T``, ``t / T``, or the raw ``z`` for the hard-label
-term), ``m = max x`` and ``s = sum exp(x - m)``, every log-probability is formed as ``(x - m) - log s``, as
-``log_softmax`` does, never as ``x - lse`` with ``lse = m + log s`` rounded to one float32 number: at
-``|x| = 1e4`` that rounding alone moves every probability by 5e-4, and at ``x = -1e9`` (a common mask value) it
-swallows ``log s`` entirely. So in this backend the columns ``LSE_Z``, ``LSE_T`` and ``LSE_CE`` of ``stats`` hold
-``log s`` only, relative to the row max, and the backward recomputes the max from its chunk (a row of all
-``-inf`` has ``m = 0`` and, for the divergences, ``log s = 0``, so its probabilities are exactly 0). The stats
-never leave the backend: the op hands them from this forward to this backward.
+Log-probabilities. With ``x`` a row of raw logits, ``m = max x`` and ``s = sum exp((x - m) / T)``, every
+log-probability is formed as ``(x - m) / T - log s``, never as ``x / T - lse`` with ``lse`` rounded to one
+float32 number: at ``|x| = 1e4`` that rounding alone moves every probability by 5e-4, and at ``x = -1e9`` (a
+common mask value) it swallows ``log s`` entirely. So the forward stores ``m`` and ``log s`` apart, in the columns
+the Triton kernels use (``MAX_Z``, ``LOGS_Z``, ``MAX_T``, ``LOGS_T``, and ``MAX_CE``, ``LOGS_CE`` at ``T = 1``),
+and leaves ``LSE_Z``, ``LSE_T`` and ``LSE_CE`` NaN. A row of all ``-inf`` has ``m = 0`` and, for the divergences,
+``log s = 0``, so its probabilities are exactly 0.
 
-Speed. The chunk functions follow the kernels: ``e = exp(x - m)`` is computed once and the forward's sums come
-from it (``F`` and ``R`` from centred sums, as in ``kernels/forward.py``); AKL's cut is the kernels' radix select
-(``akl_select.py``), not a sort. CPU inputs in float32 or 16-bit floats with at least ``COMPILE_MIN_ELEMENTS``
-entries (``2**18``: N = 32 rows of V = 8192) run the chunk functions through ``torch.compile``: inductor turns
-each into one or a few loops over the rows (the backward recomputes a row's max and writes its gradient while
-the row is in cache) and keeps no ``(chunk, V)`` buffer, except in AKL's radix select (hence its smaller
-chunks). Shapes are static but for the row count, which is marked dynamic, so one compilation per set of options
-and ``V`` serves every ``N``; the chunks have ``COMPILED_CHUNK_ELEMENTS / V`` rows (the last one overlapping its
+Speed. The chunk functions follow the kernels: ``e = exp((x - m) / T)`` is computed once and the forward's sums
+come from it (``F`` and ``R`` from centred sums, as in ``kernels/forward.py``); AKL's cut is the kernels' radix
+select (``akl_select.py``), not a sort. CPU inputs in float32 or 16-bit floats with at least
+``COMPILE_MIN_ELEMENTS`` entries (``2**18``: N = 32 rows of V = 8192) run the chunk functions through
+``torch.compile``: inductor turns each into a few loops over the rows (the backward into one, a single pass over
+``z`` and ``t``) and keeps no ``(chunk, V)`` buffer, except in AKL's radix select (hence its smaller chunks).
+Shapes are static but for the row count, which is marked dynamic, so one compilation per set of options and ``V``
+serves every ``N``; the chunks have ``COMPILED_CHUNK_ELEMENTS / V`` rows (the last one overlapping its
 predecessor), or ``N`` when fewer. The first call with new options pays the compilation (several seconds per
 function on a small CPU); the environment variable ``KDKERNELS_COMPILE=0`` keeps everything eager. Where
 compilation is unavailable or fails, the same functions run eagerly, after a warning. Smaller inputs, the test
@@ -53,23 +52,22 @@ def chunk_rows(vocab: int, compiled: bool = False) -> int:
     return max(1, (COMPILED_CHUNK_ELEMENTS if compiled else CHUNK_ELEMENTS) // max(vocab, 1))
 
 
-def _scaled(x: torch.Tensor, temperature: float, dtype: torch.dtype) -> torch.Tensor:
-    """``x / T`` in the compute dtype (no division at ``T = 1``, where it is exact)."""
-    x = x.to(dtype)
+def _scaled(x: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``x / T`` (``x`` itself at ``T = 1``, where the division is exact)."""
     return x if temperature == 1.0 else x / temperature
 
 
 def _row_max(x: torch.Tensor) -> torch.Tensor:
-    """Row maxima ``(rows, 1)`` of ``x`` ``(rows, V)``; 0 for an all ``-inf`` row, so that ``x - max`` stays
-    ``-inf`` there instead of NaN."""
-    m = x.amax(-1, keepdim=True)
+    """Row maxima ``(rows,)`` of ``x`` ``(rows, V)``; 0 for an all ``-inf`` row, so that ``x - max`` stays ``-inf``
+    there instead of NaN."""
+    m = x.amax(-1)
     return torch.where(m == NEG_INF, 0.0, m)
 
 
-def _centred(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(c, e, s)`` of a chunk ``x`` ``(rows, V)``: ``c = x - max``, ``e = exp(c)`` (0 at ``-inf`` entries) and
-    ``s = sum e`` ``(rows,)``."""
-    c = x - _row_max(x)
+def _centred(x: torch.Tensor, m: torch.Tensor, temperature: float):
+    """``(c, e, s)`` of a chunk ``x`` ``(rows, V)`` with row maxima ``m`` ``(rows,)``: ``c = (x - m) / T``,
+    ``e = exp(c)`` (0 at ``-inf`` entries) and ``s = sum e`` ``(rows,)``."""
+    c = _scaled(x - m[:, None], temperature)
     e = c.exp()
     return c, e, e.sum(-1)
 
@@ -79,10 +77,9 @@ def _log_sum(s: torch.Tensor) -> torch.Tensor:
     return torch.where(s == 0, 0.0, s.log())
 
 
-def _log_probs(x: torch.Tensor, log_sum: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities ``(x - max) - log s`` ``(rows, V)`` of the rows of ``x`` from their ``log s`` ``(rows,)``,
-    the max recomputed from ``x``."""
-    return (x - _row_max(x)) - log_sum[:, None]
+def _log_probs(x: torch.Tensor, m: torch.Tensor, log_sum: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Log-probabilities ``(x - m) / T - log s`` ``(rows, V)`` from the stored ``m`` and ``log s`` ``(rows,)``."""
+    return _scaled(x - m[:, None], temperature) - log_sum[:, None]
 
 
 def _sigmoids(d: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,12 +110,11 @@ def _kl_sums(e: torch.Tensor, s: torch.Tensor, centred_diff: torch.Tensor, live:
     return mass, torch.where(raw == 0, 0.0, acc / s - mass * log_ratio)
 
 
-def _cross_entropy(z: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(log s, ce)`` of the raw logits ``z`` (temperature 1): ``ce = log s - (z_label - max)``, NaN for a label
-    outside ``[0, V)`` and for a row of all ``-inf`` (as ``F.cross_entropy``)."""
-    c, _, s = _centred(z.to(dtype))
+def _cross_entropy(c: torch.Tensor, s: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log s, ce)`` from the centred raw logits ``c = z - max`` and ``s = sum exp(c)``: ``ce = log s - c_label``,
+    NaN for a label outside ``[0, V)`` and for a row of all ``-inf`` (as ``F.cross_entropy``)."""
     log_sum = s.log()
-    valid = (labels >= 0) & (labels < z.shape[-1])
+    valid = (labels >= 0) & (labels < c.shape[-1])
     picked = c.gather(-1, torch.where(valid, labels, 0)[:, None])[:, 0]
     return log_sum, torch.where(valid, log_sum - picked, float("nan"))
 
@@ -130,12 +126,14 @@ def forward_chunk(z, t, labels, divergence, ignore_index, temperature, akl_alpha
     rows, where a stacked tensor costs a loop (and a thread barrier) per column.
     """
     dtype = compute_dtype(z, t)
-    a, e_z, s_z = _centred(_scaled(z, temperature, dtype))
-    b, e_t, s_t = _centred(_scaled(t, temperature, dtype))
+    zf, tf = z.to(dtype), t.to(dtype)
+    m_z, m_t = _row_max(zf), _row_max(tf)
+    a, e_z, s_z = _centred(zf, m_z, temperature)
+    b, e_t, s_t = _centred(tf, m_t, temperature)
     log_s_z, log_s_t = _log_sum(s_z), _log_sum(s_t)
     live = torch.minimum(a, b) != NEG_INF  # neither is -inf
     log_ratio = log_s_t - log_s_z
-    cols = {layout.LSE_Z: log_s_z, layout.LSE_T: log_s_t}
+    cols = {layout.MAX_Z: m_z, layout.LOGS_Z: log_s_z, layout.MAX_T: m_t, layout.LOGS_T: log_s_t}
     if divergence in ("fkl", "akl"):
         cols[layout.MASS_P], cols[layout.FKL] = _kl_sums(e_t, s_t, b - a, live, log_ratio)
         div = cols[layout.FKL]
@@ -159,18 +157,20 @@ def forward_chunk(z, t, labels, divergence, ignore_index, temperature, akl_alpha
     row_loss = kd_weight * div
     if labels is not None:
         if ce_weight != 0.0:
-            cols[layout.LSE_CE], cols[layout.CE] = _cross_entropy(z, labels, dtype)
+            c_raw, _, s_raw = (a, e_z, s_z) if temperature == 1.0 else _centred(zf, m_z, 1.0)
+            cols[layout.MAX_CE] = m_z
+            cols[layout.LOGS_CE], cols[layout.CE] = _cross_entropy(c_raw, s_raw, labels)
             row_loss = row_loss + ce_weight * cols[layout.CE]
         row_loss = torch.where(labels != ignore_index, row_loss, 0.0)
     return row_loss, cols
 
 
-def _soft_minus_onehot(z: torch.Tensor, labels: torch.Tensor, log_sum: torch.Tensor, dtype: torch.dtype):
-    """``softmax(z) - onehot(label)`` ``(rows, V)``, the CE gradient, from the raw logits' ``log s``; all NaN in
-    a row whose label is outside ``[0, V)``."""
-    valid = (labels >= 0) & (labels < z.shape[-1])
-    soft = torch.where(valid[:, None], _log_probs(z.to(dtype), log_sum).exp(), float("nan"))
-    minus_one = torch.full_like(log_sum, -1.0)[:, None]
+def _soft_minus_onehot(lq: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``softmax(z) - onehot(label)`` ``(rows, V)``, the CE gradient, from the log-probabilities ``lq`` at ``T = 1``;
+    all NaN in a row whose label is outside ``[0, V)``."""
+    valid = (labels >= 0) & (labels < lq.shape[-1])
+    soft = torch.where(valid[:, None], lq.exp(), float("nan"))
+    minus_one = torch.full_like(soft[:, :1], -1.0)
     return soft.scatter_add_(1, torch.where(valid, labels, 0)[:, None], minus_one)
 
 
@@ -180,10 +180,11 @@ def backward_chunk(out, grad_rows, z, t, labels, stats, divergence, ignore_index
     plus ``g ce_weight (softmax(z) - onehot)``, with ``g = grad_rows`` ``(rows,)``."""
     dtype = compute_dtype(z, t)
     st = stats.to(dtype)
-    zs, ts = _scaled(z, temperature, dtype), _scaled(t, temperature, dtype)
-    lq, lp = _log_probs(zs, st[:, layout.LSE_Z]), _log_probs(ts, st[:, layout.LSE_T])
+    zf = z.to(dtype)
+    lq = _log_probs(zf, st[:, layout.MAX_Z], st[:, layout.LOGS_Z], temperature)
+    lp = _log_probs(t.to(dtype), st[:, layout.MAX_T], st[:, layout.LOGS_T], temperature)
     q, p = lq.exp(), lp.exp()
-    live = torch.minimum(zs, ts) != NEG_INF  # neither is -inf
+    live = torch.minimum(lq, lp) != NEG_INF  # neither is -inf
     if divergence != "fkl":
         d = torch.where(live, lq - lp, 0.0)
     if divergence in ("fkl", "akl"):
@@ -204,7 +205,8 @@ def backward_chunk(out, grad_rows, z, t, labels, stats, divergence, ignore_index
     grad = (g * (kd_weight / temperature)) * g_div
     if labels is not None:
         if ce_weight != 0.0:
-            grad = grad + (g * ce_weight) * _soft_minus_onehot(z, labels, st[:, layout.LSE_CE], dtype)
+            lq_raw = _log_probs(zf, st[:, layout.MAX_CE], st[:, layout.LOGS_CE], 1.0)
+            grad = grad + (g * ce_weight) * _soft_minus_onehot(lq_raw, labels)
         grad = torch.where((labels != ignore_index)[:, None], grad, 0.0)
     out.copy_(grad)
 
@@ -268,7 +270,7 @@ def kd_forward(
     ce_weight: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Row losses ``(N,)`` and statistics ``(N, NUM_STATS)`` of ``z``, ``t`` ``(N, V)``; see ``layout.py`` and the
-    module docstring (the ``LSE_*`` columns hold ``log s``)."""
+    module docstring (NaN in the columns this divergence does not use)."""
     n_rows, vocab = z.shape
     dtype = compute_dtype(z, t)
     loss = torch.empty(n_rows, dtype=dtype, device=z.device)
