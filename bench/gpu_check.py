@@ -7,7 +7,7 @@ Within about 8 minutes, no network needed:
    targets CPU tensors through Triton's interpreter and is CI's job;
 2. the copy bandwidth of the card (``dst.copy_(src)`` of 1 GiB: read + write bytes over time);
 3. kdkernels at N=8192, V in {32000, 128256, 256000}, bfloat16 and float32: forward, backward and forward +
-   backward, each against the bandwidth floor of its passes (``bench.traffic`` bytes / copy bandwidth);
+   backward, each against the bandwidth floor of its passes (``bench.roofline.pass_bytes`` / copy bandwidth);
 4. the full benchmark (eager, ``torch.compile``, Liger when installed) at the target shape, V=128256 bf16.
 
 Each step checks the time left and is skipped, saying so, when the budget is spent.
@@ -26,8 +26,8 @@ import torch
 
 from bench import report
 from bench.machine import machine
+from bench.roofline import pass_bytes
 from bench.run import Config, Progress, bench_divergence, make_inputs, steps
-from bench.traffic import row_bytes
 from kdkernels.torch_ops.reference import DIVERGENCES
 
 VOCABS = (32000, 128256, 256000)
@@ -54,8 +54,8 @@ def floor_ratios(rows: list[dict], bandwidth: float) -> None:
     for r in rows:
         if r.get("provider") != "kdkernels" or r.get("fwd_ms") is None:
             continue
-        size = torch.tensor([], dtype=getattr(torch, r["dtype"])).element_size()
-        b = row_bytes(r["divergence"], r["v"], size, size)
+        short = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[r["dtype"]]
+        b = pass_bytes(r["divergence"], r["v"], short, short)
         for key, part in (("fwd", "forward"), ("bwd", "backward"), ("fwd_bwd", "total")):
             floor_ms = 1e3 * r["n"] * b[part] / bandwidth
             r[f"{key}_over_floor"] = r[f"{key}_ms"] / floor_ms

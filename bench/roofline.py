@@ -12,10 +12,10 @@ iteration and the ``MUFU`` (special-function) ones, which give per element of th
 Per kernel the time is the largest of memory (bytes / bandwidth), issue (instructions / (SMs x 4 per clock))
 and MUFU (operations / (SMs x 16 per clock)), plus the instructions outside the loop once per row; its
 ``bound`` is the largest. Instructions are counted as if every branch in the loop were taken.
-Data-dependent work (AKL's refinement rounds over ``t`` and its rank pass for large tie groups) is measured by running the same kernels through
-Triton's interpreter on sample rows of two teachers: ``peaked`` (``3 * randn`` logits at T = 1, the bench's
-default) and ``flat`` (``randn`` at T = 2: every entry within a few nats of the maximum, the cut deep in the
-vocabulary).
+Data-dependent work (AKL's refinement rounds over ``t`` and its rank pass for large tie groups) is measured by
+running the same kernels through Triton's interpreter on sample rows of two teachers: ``peaked`` (``3 * randn``
+logits at T = 1, the bench's default) and ``flat`` (``randn`` at T = 2: every entry within a few nats of the
+maximum, the cut deep in the vocabulary).
 
 The per-divergence sum is compared with the floor (one read of ``z`` and ``t``, one write of the gradient at
 the card's bandwidth) and with the traffic of its own passes. It is an estimate, a lower bound on time, not a
@@ -122,6 +122,20 @@ class KernelCost:
         return times[bound], bound
 
 
+def pass_bytes(divergence: str, vocab: int, student: str, teacher: str) -> dict[str, int]:
+    """Bytes one row streams through the launched kernels, ``forward`` and ``backward`` (the gradient pass) and
+    their ``total``, counting the data-dependent AKL passes (refinement, rank) as not taken."""
+    from kdkernels.kernels import aot
+
+    size = {"z": SIZES[student], "t": SIZES[teacher], "dz": SIZES[student]}
+    out = {"forward": 0, "backward": 0}
+    for record in aot.launched(aot.Case(divergence, student, teacher, "labels", vocab, rows=1)):
+        name = aot.kernel_name(record)
+        if name not in ("akl_refine_kernel", "akl_rank_kernel"):
+            out["backward" if name == "grad_kernel" else "forward"] += vocab * sum(size[s] for s in STREAMS[name])
+    return dict(out, total=out["forward"] + out["backward"])
+
+
 def kernel_cost(record, student: str, teacher: str) -> KernelCost:
     """Compile one recorded launch for sm_90a and count its SASS."""
     from kdkernels.kernels import aot
@@ -219,7 +233,7 @@ def print_report(results: list[dict]) -> None:
           f"sm_90a SASS of the launched kernels; H100 {CARDS['H100'][0] / 1e12:.2f} TB/s, "
           f"H200 {CARDS['H200'][0] / 1e12:.2f} TB/s, {CARDS['H100'][1]} SMs at {CARDS['H100'][2] / 1e9:.2f} GHz")
     print("\nPer kernel (H100): instr/elem = warp-instructions per element in the vocabulary loop, mufu/elem = "
-          "special-function lane ops per element, passes = row passes (AKL refinement and rank: per row of sample rows)")
+          "special-function lane ops per element, passes = row passes (AKL refinement and rank: per sample row)")
     head = (f"{'divergence':<10} {'teacher':<12} {'kernel':<19} {'warps':>5} {'block':>5} {'regs':>4} {'spill':>5} "
             f"{'instr/elem':>10} {'mufu/elem':>9} {'bytes/elem':>10} {'passes':>6} {'bound':>6}")
     print(head)

@@ -67,27 +67,32 @@ def hint_thresholds(row_max, width, bins, dtype: tl.constexpr, KEY_BITS: tl.cons
 
 
 @triton.jit
-def hint_bracket(akl_row, lt_mass, lt_count, thr_keys, top_scale, s_t, n_entries, alpha, dtype: tl.constexpr,
-                 KEY_BITS: tl.constexpr, HINT_BINS: tl.constexpr):
-    """Store the bracket ``[LO, HI)`` (keys), its entry count and fresh scratch columns, from the stats pass.
+def count_bound(mass, low_value, max_t, log_st, scale2):
+    """An upper bound on the entries of a key range from their mass and the smallest value they can take:
+    each has ``p >= p(low_value)`` (a margin covers the rounding of the sums); infinite when that ``p`` is 0."""
+    p_low = tl.exp2(log2_probs(low_value, max_t, log_st, scale2))
+    return tl.where(p_low > 0, mass * 1.00001 / p_low, float("inf"))
 
-    ``lt_mass[k]``/``lt_count[k]``: mass and count of the entries keyed below ``thr_keys[k]`` (decreasing in
-    ``k``); ``lt_mass * top_scale`` is on the scale of ``s_t``. The bracket's lower end is the highest threshold
-    with the mass below it ``<= alpha``; the ends past the thresholds are the keys of -inf and of +inf plus one.
+
+@triton.jit
+def hint_bracket(akl_row, lt_mass, thr, thr_keys, min_t, max_t, log_st, scale2, alpha, dtype: tl.constexpr,
+                 KEY_BITS: tl.constexpr, HINT_BINS: tl.constexpr):
+    """Store the bracket ``[LO, HI)`` (keys), a bound on its entries and fresh scratch columns, from the stats
+    pass's ``lt_mass[k]``: the teacher mass (probabilities) keyed below ``thr_keys[k]`` (values ``thr[k]``,
+    decreasing in ``k``). The bracket's lower end is the highest threshold with the mass below it
+    ``<= alpha``; past the thresholds the ends are the row's smallest and largest teacher logits.
     """
     bins = tl.arange(0, HINT_BINS)
-    below = lt_mass * top_scale / s_t
-    k0 = HINT_BINS - tl.sum((below <= alpha).to(tl.int32), axis=0)
-    lowest = order_key(tl.full([], float("-inf"), tl.float32).to(dtype), KEY_BITS)
-    highest = order_key(tl.full([], float("inf"), tl.float32).to(dtype), KEY_BITS) + 1
-    lo = tl.where(k0 == HINT_BINS, lowest, pick(thr_keys, bins, k0))
-    hi = tl.where(k0 == 0, highest, pick(thr_keys, bins, k0 - 1))
-    count_lo = tl.where(k0 == HINT_BINS, 0.0, pick(lt_count, bins, k0))
-    count_hi = tl.where(k0 == 0, n_entries, pick(lt_count, bins, k0 - 1))
+    k0 = HINT_BINS - tl.sum((lt_mass <= alpha).to(tl.int32), axis=0)
+    low_value = tl.where(k0 == HINT_BINS, min_t, pick(thr, bins, k0))
+    lo = tl.where(k0 == HINT_BINS, order_key(min_t.to(dtype), KEY_BITS), pick(thr_keys, bins, k0))
+    hi = tl.where(k0 == 0, order_key(max_t.to(dtype), KEY_BITS) + 1, pick(thr_keys, bins, k0 - 1))
+    below = tl.where(k0 == HINT_BINS, 0.0, pick(lt_mass, bins, k0))
+    mass = tl.where(k0 == 0, 1.0, pick(lt_mass, bins, k0 - 1)) - below
     store_key(akl_row + AKL_LO, lo)
     store_key(akl_row + AKL_HI, hi)
-    tl.store(akl_row + AKL_COUNT, count_hi - count_lo)
-    tl.store(akl_row + AKL_BELOW, 0.0)
+    tl.store(akl_row + AKL_COUNT, count_bound(mass, low_value, max_t, log_st, scale2))
+    tl.store(akl_row + AKL_BELOW, below)
     tl.store(akl_row + AKL_ROUNDS, 0.0)
     tl.store(akl_row + AKL_CUT_INDEX, -1.0)
     tl.store(akl_row + AKL_LISTED, 0.0)
@@ -100,16 +105,19 @@ def akl_refine_kernel(
     HAS_LABELS: tl.constexpr, KEY_BITS: tl.constexpr, WAYS: tl.constexpr, CAPACITY: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    """Narrow the bracket of rows with more than ``CAPACITY`` entries in it, by passes over ``t`` alone.
+    """Narrow the bracket of rows that may hold more than ``CAPACITY`` entries, by passes over ``t`` alone.
 
-    Each round splits the key range ``[k_lo, k_hi)`` at ``k_lo + span * j // WAYS`` and keeps the part where
-    the exact mass below crosses ``alpha``. Other rows return at once.
+    Each round splits the key range ``[k_lo, k_hi)`` in ``WAYS`` parts, evenly in value (the keys of evenly
+    spaced teacher values) or, when that did not halve the range, evenly in key; sums the exact mass below
+    each split and keeps the part where the mass below crosses ``alpha``, until its bound on entries
+    (``count_bound``) is at most ``CAPACITY`` or it is one key. Other rows return at once.
     """
     row = tl.program_id(0).to(tl.int64)
     t_row = t_ptr + row * stride_t
     stats_row = stats_ptr + row * NUM_STATS
     akl_row = akl_ptr + row * AKL_COLS
     keep = row_keep(labels_ptr, row, ignore_index, HAS_LABELS)
+    dtype: tl.constexpr = t_ptr.dtype.element_ty
     scale2 = inv_t * LOG2E
     max_t = tl.load(stats_row + MAX_T)
     log_st = tl.load(stats_row + LOGS_T)
@@ -119,31 +127,39 @@ def akl_refine_kernel(
     below = tl.load(akl_row + AKL_BELOW)
     rounds = tl.load(akl_row + AKL_ROUNDS)
     ways = tl.arange(0, WAYS)
+    by_value = k_lo >= 0  # (true) split by value first
     while keep & (count > CAPACITY) & (k_hi - k_lo > 1):
-        splits = k_lo + ((k_hi - k_lo) * ways) // WAYS
+        v_lo = key_value(k_lo, dtype, KEY_BITS)
+        v_top = key_value(k_hi - 1, dtype, KEY_BITS)
+        by_key = k_lo + ((k_hi - k_lo) * ways) // WAYS
+        spaced = v_lo + (v_top - v_lo) * (ways.to(tl.float32) / WAYS)
+        spaced = tl.where(tl.abs(spaced) < 1.1754944e-38, 0.0, spaced)  # subnormals to 0: keys stay in order
+        spaced = order_key(spaced.to(dtype), KEY_BITS).to(tl.int64)
+        use_value = by_value & (v_top - v_lo < float("inf"))
+        splits = tl.where(use_value, tl.minimum(tl.maximum(spaced, k_lo), k_hi), by_key)
+        splits = tl.where(ways == 0, k_lo, splits)
         split_keys = splits.to(tl.uint32)
         top = (k_hi - 1).to(tl.uint32)
-        mass_lt = tl.zeros([BLOCK_V, WAYS], tl.float32)  # per lane, below each split
-        count_lt = tl.zeros([BLOCK_V, WAYS], tl.float32)
-        count_top = tl.zeros([BLOCK_V], tl.float32)
+        mass_lt = tl.zeros([WAYS, BLOCK_V], tl.float32)  # per lane (splits first: each lane keeps its own)
+        mass_top = tl.zeros([BLOCK_V], tl.float32)
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
             # past V read NaN: its key is above every split and the bracket
             t_in = tl.load(t_row + offs, mask=offs < V, other=float("nan"))
             key = order_key(t_in, KEY_BITS)
             p = tl.exp2(log2_probs(t_in.to(tl.float32), max_t, log_st, scale2))
-            lt = key[:, None] < split_keys[None, :]
-            mass_lt += tl.where(lt, p[:, None], 0.0)
-            count_lt += lt.to(tl.float32)
-            count_top += (key <= top).to(tl.float32)
-        mass = tl.sum(mass_lt, axis=0)
-        counts = tl.sum(count_lt, axis=0)
+            mass_lt += tl.where(key[None, :] < split_keys[:, None], p[None, :], 0.0)
+            mass_top += tl.where(key <= top, p, 0.0)
+        mass = tl.sum(mass_lt, axis=1)
         part = tl.maximum(tl.sum((mass <= akl_alpha).to(tl.int32), axis=0) - 1, 0)
-        count_hi = tl.where(part == WAYS - 1, tl.sum(count_top, axis=0), pick(counts, ways, part + 1))
-        count = count_hi - pick(counts, ways, part)
+        mass_hi = tl.where(part == WAYS - 1, tl.sum(mass_top, axis=0), pick(mass, ways, part + 1))
         below = pick(mass, ways, part)
-        k_hi = tl.where(part == WAYS - 1, k_hi, pick(splits, ways, part + 1))
-        k_lo = pick(splits, ways, part)
+        new_lo = pick(splits, ways, part)
+        new_hi = tl.where(part == WAYS - 1, k_hi, pick(splits, ways, part + 1))
+        by_value = 2 * (new_hi - new_lo) <= k_hi - k_lo
+        k_lo = new_lo
+        k_hi = new_hi
+        count = count_bound(mass_hi - below, key_value(k_lo, dtype, KEY_BITS), max_t, log_st, scale2)
         rounds += 1.0
     store_key(akl_row + AKL_LO, k_lo)
     store_key(akl_row + AKL_HI, k_hi)
@@ -158,7 +174,7 @@ def akl_rank_kernel(
     V, stride_t, inv_t, ignore_index, akl_alpha,
     HAS_LABELS: tl.constexpr, KEY_BITS: tl.constexpr, CAPACITY: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """For rows whose bracket is one key held by more than ``CAPACITY`` entries (equal ``p``): the index of
+    """For rows whose bracket is one key that may hold more than ``CAPACITY`` entries (equal ``p``): the index of
     the last tail entry among them in index order (an entry of rank ``r`` is tail when ``below + r p <= alpha``).
     One pass over ``t``; other rows return at once.
     """
@@ -173,8 +189,8 @@ def akl_rank_kernel(
         below = tl.load(akl_row + AKL_BELOW)
         value = key_value(group, t_ptr.dtype.element_ty, KEY_BITS)
         p = tl.exp2(log2_probs(value, tl.load(stats_row + MAX_T), tl.load(stats_row + LOGS_T), inv_t * LOG2E))
-        guess = tl.minimum(tl.maximum(tl.floor((akl_alpha - below) / p), 0.0), count)
-        guess = tl.where((guess < count) & (below + (guess + 1.0) * p <= akl_alpha), guess + 1.0, guess)
+        guess = tl.minimum(tl.maximum(tl.floor((akl_alpha - below) / p), 0.0), 2.0 * V)
+        guess = tl.where(below + (guess + 1.0) * p <= akl_alpha, guess + 1.0, guess)
         tail = tl.where((guess > 0) & (below + guess * p > akl_alpha), guess - 1.0, guess).to(tl.int32)
         cut = -1
         seen = 0
@@ -206,9 +222,8 @@ def akl_resolve_kernel(
     akl_row = akl_ptr + row * AKL_COLS
     keep = row_keep(labels_ptr, row, ignore_index, HAS_LABELS)
     scale2 = inv_t * LOG2E
-    count = tl.load(akl_row + AKL_COUNT)
     slots = tl.arange(0, CAPACITY)
-    listed = slots.to(tl.float32) < tl.where(keep & (count <= CAPACITY), count, 0.0)
+    listed = slots.to(tl.float32) < tl.where(keep, tl.load(akl_row + AKL_LISTED), 0.0)
     index = tl.load(list_ptr + row * CAPACITY + slots, mask=listed, other=0)
     key = order_key(tl.load(t_row + index, mask=listed, other=0.0), KEY_BITS)
     packed = tl.where(listed, (key.to(tl.int64) << 31) | index.to(tl.int64), 0x7FFFFFFFFFFFFFFF)

@@ -132,30 +132,43 @@ def kernel_name(record: launch.Launch) -> str:
     return record.kernel.fn.__name__
 
 
-def unique_launches(cases: list[Case], archs: tuple[int, ...]):
-    """``(case, record, arch)`` for each distinct binary that ``cases`` launch (the first case that needs it)."""
+def unique_launches(cases: list[Case], archs: tuple[int, ...]) -> list[tuple[int, int, int]]:
+    """``(case index, launch index, arch)`` for each distinct binary that ``cases`` launch (first use only)."""
     seen = set()
-    for case in cases:
-        for record in launched(case):
+    out = []
+    for i, case in enumerate(cases):
+        for j, record in enumerate(launched(case)):
             for arch in archs:
                 key = binary_key(record, arch)
                 if key not in seen:
                     seen.add(key)
-                    yield case, record, arch
+                    out.append((i, j, arch))
+    return out
+
+
+def _compile_one(job: tuple[Case, int, int]) -> dict:
+    case, index, arch = job
+    record = launched(case)[index]
+    compiled = compile_launch(record, arch)
+    return dict(case.__dict__, kernel=kernel_name(record), arch=arch, num_warps=record.meta["num_warps"],
+                **resources(compiled.asm["cubin"]))
 
 
 def main() -> None:
-    """``python -m kdkernels.kernels.aot [ARCH ...]``: compile every launched variant once, one JSON line each
-    (the first case that launches it, the kernel, the arch, its warps, registers and stack/local bytes)."""
+    """``python -m kdkernels.kernels.aot [ARCH ...]``: compile every launched variant once (on every core), one
+    JSON line each: the first case that launches it, the kernel, the arch, its warps, registers and the
+    stack/local (spill) bytes."""
     import json
+    import os
     import sys
+    from concurrent.futures import ProcessPoolExecutor
 
     archs = tuple(int(a) for a in sys.argv[1:]) or (80, 90)
-    for case, record, arch in unique_launches(all_cases(), archs):
-        compiled = compile_launch(record, arch)
-        row = dict(case.__dict__, kernel=kernel_name(record), arch=arch, num_warps=record.meta["num_warps"],
-                   **resources(compiled.asm["cubin"]))
-        print(json.dumps(row), flush=True)
+    cases = all_cases()
+    jobs = [(cases[i], j, arch) for i, j, arch in unique_launches(cases, archs)]
+    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+        for row in pool.map(_compile_one, jobs, chunksize=4):
+            print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

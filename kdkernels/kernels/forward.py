@@ -75,15 +75,15 @@ def stats_kernel(
     DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, CE_SHARES_Z: tl.constexpr,
     KEY_BITS: tl.constexpr, HINT_BINS: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """First pass: row maxima and log-sums, ``P``, ``Q``, ``F``, ``R``, CE, and AKL's bracket.
+    """First pass: row maxima and log-sums, CE, ``P``, ``F`` (fkl), ``Q``, ``R`` (rkl), AKL's bracket.
 
     z, t: (N, V) rows at ``stride_z``/``stride_t``; labels: (N,) int64 if HAS_LABELS; loss: (N,) float32
     (written for fkl/rkl); stats: (N, NUM_STATS) float32; akl: (N, AKL_COLS) float32 (AKL only).
     ``CE_SHARES_Z``: T == 1, so the CE term's log-sum-exp is the student's. ``hint_width``: AKL's ``W``
     (``akl.py``), ``KEY_BITS`` the width of the teacher's order keys.
     """
-    NEED_F: tl.constexpr = (DIVERGENCE == FKL) or (DIVERGENCE == AKL)
-    NEED_R: tl.constexpr = (DIVERGENCE == RKL) or (DIVERGENCE == AKL)
+    NEED_F: tl.constexpr = DIVERGENCE == FKL  # AKL sums F and R in its finish pass
+    NEED_R: tl.constexpr = DIVERGENCE == RKL
     OWN_CE: tl.constexpr = HAS_CE and not CE_SHARES_Z
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * stride_z
@@ -104,8 +104,9 @@ def stats_kernel(
     a_r = tl.zeros([BLOCK_V], tl.float32)  # sum_m e_z (c_z - c_t)
     q_s = tl.zeros([BLOCK_V], tl.float32)  # sum_m e_z
     bins = tl.arange(0, HINT_BINS)
-    lt_mass = tl.zeros([BLOCK_V, HINT_BINS], tl.float32)  # AKL: per lane, mass and count below each threshold
-    lt_count = tl.zeros([BLOCK_V, HINT_BINS], tl.float32)
+    # AKL: per lane, mass below each threshold (thresholds first: each lane keeps its own) and smallest logit
+    lt_mass = tl.zeros([HINT_BINS, BLOCK_V], tl.float32)
+    min_t = tl.full([BLOCK_V], float("inf"), tl.float32)
     thr = tl.zeros([HINT_BINS], tl.float32)
     thr_keys = tl.zeros([HINT_BINS], tl.uint32)
     for start in range(0, V, BLOCK_V):
@@ -150,10 +151,10 @@ def stats_kernel(
             values, keys = hint_thresholds(rt, hint_width, bins, t_ptr.dtype.element_ty, KEY_BITS)
             thr = tl.where(start == 0, values, thr)
             thr_keys = tl.where(start == 0, keys, thr_keys)
-            below = inb[:, None] & (order_key(t_in, KEY_BITS)[:, None] < thr_keys[None, :])
+            below = inb[None, :] & (order_key(t_in, KEY_BITS)[None, :] < thr_keys[:, None])
             e_top = tl.exp2(tl.minimum(t - tl.max(thr, axis=0), 0.0) * scale2)
-            lt_mass += tl.where(below, e_top[:, None], 0.0)
-            lt_count += below.to(tl.float32)
+            lt_mass += tl.where(below, e_top[None, :], 0.0)
+            min_t = tl.minimum(min_t, tl.where(inb, t, float("inf")))
         m_z = mz_new
         m_t = mt_new
 
@@ -194,9 +195,10 @@ def stats_kernel(
         tl.store(stats_row + LOGS_CE, log_sc)
         tl.store(stats_row + CE, tl.where(valid, (max_c - z_label) + log_sc, float("nan")))
     if DIVERGENCE == AKL:
-        top_scale = tl.exp2((tl.max(thr, axis=0) - safe_max(m_t)) * scale2)
-        hint_bracket(akl_ptr + row * AKL_COLS, tl.sum(lt_mass, axis=0), tl.sum(lt_count, axis=0), thr_keys, top_scale,
-                     sum_t, limit.to(tl.float32), akl_alpha, t_ptr.dtype.element_ty, KEY_BITS, HINT_BINS)
+        top_scale = tl.exp2((tl.max(thr, axis=0) - safe_max(m_t)) * scale2) / sum_t  # to probabilities
+        hint_bracket(akl_ptr + row * AKL_COLS, tl.sum(lt_mass, axis=1) * top_scale, thr, thr_keys,
+                     tl.min(min_t, axis=0), safe_max(m_t), log_st, scale2, akl_alpha, t_ptr.dtype.element_ty,
+                     KEY_BITS, HINT_BINS)
     if (DIVERGENCE == FKL) or (DIVERGENCE == RKL):
         _finish_row(loss_ptr, row, keep, div, stats_row, kd_weight, ce_weight, HAS_CE)
 
@@ -212,7 +214,8 @@ def finish_kernel(
 
     todi: ``S_a = sum_m w p``, ``S_b = sum_m c q (d + 1)``, the loss ``sum_m (c q - w p) d``, with
     ``w = sigmoid(-b d)``, ``c = sigmoid(b d)`` from one ``u = exp(-|b d|)``: ``1 / (1 + u)`` and ``u / (1 + u)``.
-    akl: entries keyed below ``LO`` are tail, at or above ``HI`` head; the gaps ``|p - q|`` of each side are summed.
+    akl: ``P``, ``Q``, ``F``, ``R`` from the final log-probabilities; entries keyed below ``LO`` are tail, at or
+    above ``HI`` head, and the gaps ``|p - q|`` of each side are summed.
     Inside the bracket: with at most ``CAPACITY`` entries, their indices go to ``list`` ((N, CAPACITY) int32,
     in any order: slots from an atomic counter) for ``akl_resolve_kernel``; otherwise the bracket is one key
     and the entries up to ``akl_rank_kernel``'s cut index are tail.
@@ -234,6 +237,10 @@ def finish_kernel(
     g_tail = tl.zeros([BLOCK_V], tl.float32)
     g_head = tl.zeros([BLOCK_V], tl.float32)
     mass_below = tl.zeros([BLOCK_V], tl.float32)
+    f_sum = tl.zeros([BLOCK_V], tl.float32)  # AKL: sum_m p d2 and sum_m q d2, d2 = log2 q - log2 p
+    r_sum = tl.zeros([BLOCK_V], tl.float32)
+    p_sum = tl.zeros([BLOCK_V], tl.float32)
+    q_sum = tl.zeros([BLOCK_V], tl.float32)
     if DIVERGENCE == AKL:
         akl_row = akl_ptr + row * AKL_COLS
         lo = load_key(akl_row + AKL_LO)
@@ -266,6 +273,12 @@ def finish_kernel(
             s_b += tl.where(live, cq * (d + 1.0), 0.0)
             acc += tl.where(live, (cq - wp) * d, 0.0)
         if DIVERGENCE == AKL:
+            live = (z != float("-inf")) & (t != float("-inf"))
+            d2 = lq2 - lp2
+            f_sum += tl.where(live, p * d2, 0.0)
+            r_sum += tl.where(live, q * d2, 0.0)
+            p_sum += tl.where(live, p, 0.0)
+            q_sum += tl.where(live, q, 0.0)
             gap = tl.abs(p - q)  # 0 past V (both -inf)
             key = order_key(t_in, KEY_BITS)
             low = key < lo
@@ -275,12 +288,16 @@ def finish_kernel(
             g_tail += tl.where(tail, gap, 0.0)
             g_head += tl.where(tail | listed, 0.0, gap)
             mass_below += tl.where(low, p, 0.0)
-            slot = tl.atomic_add(akl_row + AKL_LISTED + offs * 0, 1.0, mask=listed).to(tl.int32)
-            tl.store(list_ptr + row * CAPACITY + slot, offs, mask=listed)
+            slot = tl.atomic_add(akl_row + AKL_LISTED + offs * 0, 1.0, mask=listed, sem="relaxed").to(tl.int32)
+            tl.store(list_ptr + row * CAPACITY + slot, offs, mask=listed & (slot < CAPACITY))
     if DIVERGENCE == TODI:
         tl.store(stats_row + TODI_S, tl.sum(s_a, axis=0) - tl.sum(s_b, axis=0))
         _finish_row(loss_ptr, row, keep, tl.sum(acc, axis=0), stats_row, kd_weight, ce_weight, HAS_CE)
     else:
+        tl.store(stats_row + MASS_P, tl.sum(p_sum, axis=0))
+        tl.store(stats_row + MASS_Q, tl.sum(q_sum, axis=0))
+        tl.store(stats_row + FKL_COL, -LN2 * tl.sum(f_sum, axis=0))
+        tl.store(stats_row + RKL_COL, LN2 * tl.sum(r_sum, axis=0))
         tl.store(akl_row + AKL_MASS_BELOW, tl.sum(mass_below, axis=0))
         tl.store(akl_row + AKL_G_TAIL, tl.sum(g_tail, axis=0))
         tl.store(akl_row + AKL_G_HEAD, tl.sum(g_head, axis=0))

@@ -25,9 +25,9 @@ from kdkernels.torch_ops.layout import DIVERGENCE_CODES, NUM_STATS
 STREAM_BLOCK = 2048  # entries per block of the streaming passes
 STREAM_WARPS = 8
 HINT_BINS = 4  # AKL: thresholds of the stats pass's bracket, ...
-HINT_NATS = 2.0  # ... HINT_NATS apart in t / T
-REFINE_WAYS = 16  # AKL refinement: parts per round
-REFINE_BLOCK = 512
+HINT_NATS = 1.0  # ... HINT_NATS apart in t / T
+REFINE_WAYS = 8  # AKL refinement: parts per round
+REFINE_BLOCK = 1024
 CAPACITY = 1024  # AKL: most bracket entries ordered by akl_resolve_kernel
 RESOLVE_WARPS = 8
 
