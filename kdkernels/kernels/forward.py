@@ -151,8 +151,8 @@ def stats_kernel(
             values, keys = hint_thresholds(rt, hint_width, bins, t_ptr.dtype.element_ty, KEY_BITS)
             thr = tl.where(start == 0, values, thr)
             thr_keys = tl.where(start == 0, keys, thr_keys)
-            below = inb[None, :] & (order_key(t_in, KEY_BITS)[None, :] < thr_keys[:, None])
-            e_top = tl.exp2(tl.minimum(t - tl.max(thr, axis=0), 0.0) * scale2)
+            below = order_key(t_in, KEY_BITS)[None, :] < thr_keys[:, None]  # past V: -inf, mass 0
+            e_top = tl.exp2((t - tl.max(thr, axis=0)) * scale2)  # at most 1 below the thresholds
             lt_mass += tl.where(below, e_top[None, :], 0.0)
             min_t = tl.minimum(min_t, tl.where(inb, t, float("inf")))
         m_z = mz_new

@@ -22,7 +22,8 @@ from kdkernels.kernels.common import AKL_COLS
 from kdkernels.kernels.forward import finish_kernel, stats_kernel
 from kdkernels.torch_ops.layout import DIVERGENCE_CODES, NUM_STATS
 
-STREAM_BLOCK = 2048  # entries per block of the streaming passes
+STATS_BLOCK = 4096  # entries per block of the first pass (its per-block maxima amortised over more entries)
+STREAM_BLOCK = 2048  # entries per block of the other streaming passes
 STREAM_WARPS = 8
 HINT_BINS = 4  # AKL: thresholds of the stats pass's bracket, ...
 HINT_NATS = 1.0  # ... HINT_NATS apart in t / T
@@ -103,8 +104,8 @@ def kd_forward(
             z, t, labels_arg, loss, stats, akl,
             vocab, z.stride(0), t.stride(0), inv_t, ignore_index, kd_weight, ce_weight, akl_alpha,
             HINT_NATS * temperature,
-            CE_SHARES_Z=temperature == 1.0, KEY_BITS=_key_bits(t), HINT_BINS=HINT_BINS, BLOCK_V=block,
-            num_warps=STREAM_WARPS, **common)
+            CE_SHARES_Z=temperature == 1.0, KEY_BITS=_key_bits(t), HINT_BINS=HINT_BINS,
+            BLOCK_V=_block(vocab, STATS_BLOCK), num_warps=STREAM_WARPS, **common)
     if is_akl:
         _launch(akl_refine_kernel, grid,
                 t, labels_arg, stats, akl,
