@@ -39,7 +39,7 @@ from kdkernels.torch_ops.akl_select import akl_weights_select
 from kdkernels.torch_ops.reference import compute_dtype
 
 CHUNK_ELEMENTS = 1 << 21  # entries of one (chunk, V) temporary on the eager path
-COMPILED_CHUNK_ELEMENTS = 1 << 23  # entries of one compiled chunk
+COMPILED_CHUNK_ELEMENTS = 1 << 23  # entries of one compiled chunk (bounds what inductor keeps, AKL keys)
 COMPILE_MIN_ELEMENTS = 1 << 18  # smaller inputs run eagerly, so test-sized calls never compile
 AKL_CHUNK_DIVISOR = 8
 RECOMPILE_LIMIT = 64  # compilations of one chunk function (options x V) before dynamo runs it eagerly
