@@ -13,17 +13,17 @@ and leaves ``LSE_Z``, ``LSE_T`` and ``LSE_CE`` NaN. A row of all ``-inf`` has ``
 ``log s = 0``, so its probabilities are exactly 0.
 
 Speed. The chunk functions follow the kernels: ``e = exp((x - m) / T)`` is computed once and the forward's sums
-come from it (``F`` and ``R`` from centred sums, as in ``kernels/forward.py``); AKL's cut is the kernels' radix
-select (``akl_select.py``), not a sort. CPU inputs in float32 or 16-bit floats with at least
+come from it (``F`` and ``R`` from centred sums, as in ``kernels/forward.py``); AKL's cut is a radix select
+(``akl_select.py``), not a sort. CPU inputs in float32 or 16-bit floats with at least
 ``COMPILE_MIN_ELEMENTS`` entries (``2**18``: N = 32 rows of V = 8192) run the chunk functions through
 ``torch.compile``: inductor turns each into a few loops over the rows (the backward into one, a single pass over
 ``z`` and ``t``) and keeps no ``(chunk, V)`` buffer, except in AKL's radix select (hence its smaller chunks).
 Shapes are static but for the row count, which is marked dynamic, so one compilation per set of options and ``V``
-serves every ``N``; the chunks have ``COMPILED_CHUNK_ELEMENTS / V`` rows (the last one overlapping its
-predecessor), or ``N`` when fewer. The first call with new options pays the compilation (several seconds per
-function on a small CPU); the environment variable ``KDKERNELS_COMPILE=0`` keeps everything eager. Where
-compilation is unavailable or fails, the same functions run eagerly, after a warning. Smaller inputs, the test
-suite's among them, run eagerly, where fewer passes count more than fewer ``exp`` calls (ToDi's sigmoids).
+serves every ``N``; the rows are cut into equal chunks of at most ``COMPILED_CHUNK_ELEMENTS / V`` rows (the last
+one overlapping its predecessor where they cannot be equal). The first call with new options pays the compilation
+(several seconds per function on a small CPU); the environment variable ``KDKERNELS_COMPILE=0`` keeps everything
+eager. Where compilation is unavailable or fails, the same functions run eagerly, after a warning. Smaller inputs,
+the test suite's among them, run eagerly, where fewer passes count more than fewer ``exp`` calls (ToDi's sigmoids).
 """
 
 from __future__ import annotations
@@ -50,6 +50,13 @@ _FAILED: set[str] = set()  # chunk functions whose compilation failed in this pr
 def chunk_rows(vocab: int, compiled: bool = False) -> int:
     """Rows per chunk: about ``CHUNK_ELEMENTS`` (``COMPILED_CHUNK_ELEMENTS``) entries, at least one row."""
     return max(1, (COMPILED_CHUNK_ELEMENTS if compiled else CHUNK_ELEMENTS) // max(vocab, 1))
+
+
+def _balanced(n_rows: int, most: int) -> int:
+    """Rows per chunk when ``n_rows`` are cut into as few chunks of at most ``most`` rows as possible, of equal
+    size where they can be (2048 rows at most 262 a chunk: 8 chunks of 256, none overlapping)."""
+    chunks = max(1, -(-n_rows // most))
+    return max(1, -(-n_rows // chunks))
 
 
 def _scaled(x: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -277,8 +284,8 @@ def kd_forward(
     stats = torch.full((n_rows, layout.NUM_STATS), float("nan"), dtype=dtype, device=z.device)
     compiled = _use_compiled(z, t)
     # AKL's radix select keeps a few (chunk, V) buffers (keys, masses, ranks) even compiled: smaller chunks.
-    step = chunk_rows(vocab, compiled) // (AKL_CHUNK_DIVISOR if divergence == "akl" else 1)
-    for lo, hi in _row_ranges(n_rows, max(step, 1), compiled):
+    most = chunk_rows(vocab, compiled) // (AKL_CHUNK_DIVISOR if divergence == "akl" else 1)
+    for lo, hi in _row_ranges(n_rows, _balanced(n_rows, max(most, 1)), compiled):
         lab = None if labels is None else labels[lo:hi]
         loss[lo:hi], cols = _run(forward_chunk, compiled, z[lo:hi], t[lo:hi], lab, divergence, ignore_index,
                                  temperature, akl_alpha, todi_beta, kd_weight, ce_weight)
@@ -304,7 +311,7 @@ def kd_backward(
     n_rows, vocab = z.shape
     dz = torch.empty((n_rows, vocab), dtype=z.dtype, device=z.device)
     compiled = _use_compiled(z, t)
-    for lo, hi in _row_ranges(n_rows, chunk_rows(vocab, compiled), compiled):
+    for lo, hi in _row_ranges(n_rows, _balanced(n_rows, chunk_rows(vocab, compiled)), compiled):
         lab = None if labels is None else labels[lo:hi]
         _run(backward_chunk, compiled, dz[lo:hi], grad_rows[lo:hi], z[lo:hi], t[lo:hi], lab, stats[lo:hi],
              divergence, ignore_index, temperature, todi_beta, kd_weight, ce_weight)
