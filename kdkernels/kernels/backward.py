@@ -37,6 +37,7 @@ from kdkernels.kernels.common import (
     load_block,
     log2_probs,
     row_keep,
+    todi_weights,
 )
 
 
@@ -107,12 +108,7 @@ def grad_kernel(
         elif DIVERGENCE == AKL:
             g_div = r_h * g_f + r_t * g_r
         else:
-            x = todi_beta * d
-            u = tl.exp2(-tl.abs(x) * LOG2E)
-            big = 1.0 / (1.0 + u)
-            small = u * big
-            w = tl.where(x >= 0, small, big)
-            c = tl.where(x >= 0, big, small)
+            w, c = todi_weights(todi_beta * d)
             g_div = tl.where(live, c * q * (d + 1.0) - w * p, 0.0) + q * s_ab
         grad = scale_kd * g_div
         if HAS_CE:

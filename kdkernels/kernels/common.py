@@ -91,6 +91,17 @@ def log2_probs(x, row_max, log_sum, scale2):
 
 
 @triton.jit
+def todi_weights(x):
+    """ToDi's ``w = sigmoid(-x)`` and ``c = sigmoid(x)`` (``x = beta d``) from one ``u = exp(-|x|)``: the larger is
+    ``1 / (1 + u)``, the smaller ``u / (1 + u)``, both exact in the tails (neither is formed as ``1 - other``).
+    ``1 + u`` lies in (1, 2], where the fast division is accurate to 2 ulp and has no slow path."""
+    u = tl.exp2(-tl.abs(x) * LOG2E)
+    big = tl.fdiv(1.0, 1.0 + u)
+    small = u * big
+    return tl.where(x >= 0, small, big), tl.where(x >= 0, big, small)
+
+
+@triton.jit
 def order_key(x, KEY_BITS: tl.constexpr):
     """Unsigned key (uint32) of ``x``'s bits, in ``x``'s own dtype, that orders like the values; -0.0 keys as
     +0.0. ``KEY_BITS`` is 16 for bfloat16/float16 and 32 for float32."""

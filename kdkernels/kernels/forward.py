@@ -56,6 +56,7 @@ from kdkernels.kernels.common import (
     row_keep,
     safe_log,
     safe_max,
+    todi_weights,
 )
 
 
@@ -261,12 +262,7 @@ def finish_kernel(
         if DIVERGENCE == TODI:
             live = (z != float("-inf")) & (t != float("-inf"))
             d = (lq2 - lp2) * LN2
-            x = todi_beta * d
-            u = tl.exp2(-tl.abs(x) * LOG2E)
-            big = 1.0 / (1.0 + u)
-            small = u * big
-            w = tl.where(x >= 0, small, big)
-            c = tl.where(x >= 0, big, small)
+            w, c = todi_weights(todi_beta * d)
             wp = w * p
             cq = c * q
             s_a += tl.where(live, wp, 0.0)

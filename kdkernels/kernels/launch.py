@@ -22,9 +22,10 @@ from kdkernels.kernels.common import AKL_COLS
 from kdkernels.kernels.forward import finish_kernel, stats_kernel
 from kdkernels.torch_ops.layout import DIVERGENCE_CODES, NUM_STATS
 
-STATS_BLOCK = 4096  # entries per block of the first pass (its per-block maxima amortised over more entries)
+AKL_STATS_BLOCK = 4096  # entries per block of AKL's first pass (its per-block maxima amortised over more)
 STREAM_BLOCK = 2048  # entries per block of the other streaming passes
 STREAM_WARPS = 8
+FINISH_MAX_REGISTERS = 128  # without a cap ptxas gives ToDi's finish pass 64 registers and a spill
 HINT_BINS = 4  # AKL: thresholds of the stats pass's bracket, ...
 HINT_NATS = 1.0  # ... HINT_NATS apart in t / T
 REFINE_WAYS = 8  # AKL refinement: parts per round
@@ -105,7 +106,7 @@ def kd_forward(
             vocab, z.stride(0), t.stride(0), inv_t, ignore_index, kd_weight, ce_weight, akl_alpha,
             HINT_NATS * temperature,
             CE_SHARES_Z=temperature == 1.0, KEY_BITS=_key_bits(t), HINT_BINS=HINT_BINS,
-            BLOCK_V=_block(vocab, STATS_BLOCK), num_warps=STREAM_WARPS, **common)
+            BLOCK_V=_block(vocab, AKL_STATS_BLOCK if is_akl else STREAM_BLOCK), num_warps=STREAM_WARPS, **common)
     if is_akl:
         _launch(akl_refine_kernel, grid,
                 t, labels_arg, stats, akl,
@@ -121,7 +122,8 @@ def kd_forward(
         _launch(finish_kernel, grid,
                 z, t, labels_arg, loss, stats, akl, listed,
                 vocab, z.stride(0), t.stride(0), inv_t, ignore_index, kd_weight, ce_weight, akl_alpha, todi_beta,
-                KEY_BITS=_key_bits(t), CAPACITY=CAPACITY, BLOCK_V=block, num_warps=STREAM_WARPS, **common)
+                KEY_BITS=_key_bits(t), CAPACITY=CAPACITY, BLOCK_V=block, num_warps=STREAM_WARPS,
+                maxnreg=FINISH_MAX_REGISTERS, **common)
     if is_akl:
         _launch(akl_resolve_kernel, grid,
                 z, t, labels_arg, loss, stats, akl, listed,
