@@ -39,17 +39,21 @@ from kdkernels.torch_ops.akl_select import akl_weights_select
 from kdkernels.torch_ops.reference import compute_dtype
 
 CHUNK_ELEMENTS = 1 << 21  # entries of one (chunk, V) temporary on the eager path
-COMPILED_CHUNK_ELEMENTS = 1 << 23  # entries of one compiled chunk (bounds what inductor keeps, AKL keys)
+# Compiled chunks keep no (chunk, V) buffer, so they are large (fewer calls and thread barriers), except AKL's
+# forward: its radix select keeps a few (keys, digits, masses, ranks).
+COMPILED_CHUNK_ELEMENTS = 1 << 26
+AKL_CHUNK_ELEMENTS = 1 << 20
 COMPILE_MIN_ELEMENTS = 1 << 18  # smaller inputs run eagerly, so test-sized calls never compile
-AKL_CHUNK_DIVISOR = 8
 RECOMPILE_LIMIT = 64  # compilations of one chunk function (options x V) before dynamo runs it eagerly
 NEG_INF = float("-inf")
 _FAILED: set[str] = set()  # chunk functions whose compilation failed in this process
 
 
-def chunk_rows(vocab: int, compiled: bool = False) -> int:
-    """Rows per chunk: about ``CHUNK_ELEMENTS`` (``COMPILED_CHUNK_ELEMENTS``) entries, at least one row."""
-    return max(1, (COMPILED_CHUNK_ELEMENTS if compiled else CHUNK_ELEMENTS) // max(vocab, 1))
+def chunk_rows(vocab: int, compiled: bool = False, akl_select: bool = False) -> int:
+    """Rows per chunk: about ``CHUNK_ELEMENTS`` (``COMPILED_CHUNK_ELEMENTS``) entries, at most
+    ``AKL_CHUNK_ELEMENTS`` for AKL's forward, at least one row."""
+    elements = COMPILED_CHUNK_ELEMENTS if compiled else CHUNK_ELEMENTS
+    return max(1, (min(elements, AKL_CHUNK_ELEMENTS) if akl_select else elements) // max(vocab, 1))
 
 
 def _balanced(n_rows: int, most: int) -> int:
@@ -174,11 +178,10 @@ def forward_chunk(z, t, labels, divergence, ignore_index, temperature, akl_alpha
 
 def _soft_minus_onehot(lq: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """``softmax(z) - onehot(label)`` ``(rows, V)``, the CE gradient, from the log-probabilities ``lq`` at ``T = 1``;
-    all NaN in a row whose label is outside ``[0, V)``."""
+    all NaN in a row whose label is outside ``[0, V)``. Elementwise (no scatter), so compiled it keeps no buffer."""
     valid = (labels >= 0) & (labels < lq.shape[-1])
-    soft = torch.where(valid[:, None], lq.exp(), float("nan"))
-    minus_one = torch.full_like(soft[:, :1], -1.0)
-    return soft.scatter_add_(1, torch.where(valid, labels, 0)[:, None], minus_one)
+    onehot = torch.arange(lq.shape[-1], device=lq.device)[None, :] == labels[:, None]
+    return torch.where(valid[:, None], lq.exp() - onehot.to(lq.dtype), float("nan"))
 
 
 def backward_chunk(out, grad_rows, z, t, labels, stats, divergence, ignore_index, temperature, todi_beta,
@@ -283,9 +286,8 @@ def kd_forward(
     loss = torch.empty(n_rows, dtype=dtype, device=z.device)
     stats = torch.full((n_rows, layout.NUM_STATS), float("nan"), dtype=dtype, device=z.device)
     compiled = _use_compiled(z, t)
-    # AKL's radix select keeps a few (chunk, V) buffers (keys, masses, ranks) even compiled: smaller chunks.
-    most = chunk_rows(vocab, compiled) // (AKL_CHUNK_DIVISOR if divergence == "akl" else 1)
-    for lo, hi in _row_ranges(n_rows, _balanced(n_rows, max(most, 1)), compiled):
+    most = chunk_rows(vocab, compiled, akl_select=divergence == "akl")
+    for lo, hi in _row_ranges(n_rows, _balanced(n_rows, most), compiled):
         lab = None if labels is None else labels[lo:hi]
         loss[lo:hi], cols = _run(forward_chunk, compiled, z[lo:hi], t[lo:hi], lab, divergence, ignore_index,
                                  temperature, akl_alpha, todi_beta, kd_weight, ce_weight)
