@@ -60,6 +60,21 @@ def test_akl_weights_on_gpu(teacher_dtype):
     assert torch.allclose(stats[:, layout.R_HEAD].double().cpu(), akl_weights(p, q, 0.5)[0], atol=2e-6, rtol=0)
 
 
+@pytest.mark.parametrize("teacher_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("scale, temperature, alpha", [(3.0, 1.0, 0.5), (1.0, 2.0, 0.5), (3.0, 1.0, 0.1),
+                                                       (30.0, 1.0, 0.999999)])
+def test_akl_cut_at_production_size(teacher_dtype, scale, temperature, alpha):
+    """Peaked (the stats pass's bracket suffices), flat (refinement passes) and extreme-alpha teachers at V=128256."""
+    gen = torch.Generator().manual_seed(4)
+    t = (scale * torch.randn(8, 128256, generator=gen)).to(teacher_dtype)
+    z = torch.randn(8, 128256, generator=gen)
+    _, stats = kd_forward(z.cuda(), t.cuda(), None, "akl", -100, temperature, alpha, 1.0, 1.0, 0.0, "triton")
+    _, q = log_probs(z.double(), temperature, torch.float64)
+    _, p = log_probs(t.double(), temperature, torch.float64)
+    ref_h, _ = akl_weights(p, q, alpha)
+    assert torch.allclose(stats[:, layout.R_HEAD].double().cpu(), ref_h, atol=2e-6, rtol=0)
+
+
 def test_fused_linear_on_gpu():
     gen = torch.Generator().manual_seed(3)
     h = torch.randn(300, 64, generator=gen)

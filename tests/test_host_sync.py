@@ -29,6 +29,7 @@ OP_MODULES = [
     "torch_ops/layout.py",
     "kernels/launch.py",
     "kernels/forward.py",
+    "kernels/akl.py",
     "kernels/backward.py",
     "kernels/common.py",
 ]

@@ -25,7 +25,9 @@ from kdkernels.torch_ops.layout import DIVERGENCE_CODES, NUM_STATS
 AKL_STATS_BLOCK = 4096  # entries per block of AKL's first pass (its per-block maxima amortised over more)
 STREAM_BLOCK = 2048  # entries per block of the other streaming passes
 STREAM_WARPS = 8
-FINISH_MAX_REGISTERS = 128  # without a cap ptxas gives ToDi's finish pass 64 registers and a spill
+# Register cap of the streaming kernels: without one ptxas aims some variants at 3-4 blocks per SM with 64-80
+# registers and spills a few bytes; AKL's first pass (four per-lane threshold sums) needs more and is uncapped.
+MAX_REGISTERS = 128
 HINT_BINS = 4  # AKL: thresholds of the stats pass's bracket, ...
 HINT_NATS = 1.0  # ... HINT_NATS apart in t / T
 REFINE_WAYS = 8  # AKL refinement: parts per round
@@ -106,30 +108,31 @@ def kd_forward(
             vocab, z.stride(0), t.stride(0), inv_t, ignore_index, kd_weight, ce_weight, akl_alpha,
             HINT_NATS * temperature,
             CE_SHARES_Z=temperature == 1.0, KEY_BITS=_key_bits(t), HINT_BINS=HINT_BINS,
-            BLOCK_V=_block(vocab, AKL_STATS_BLOCK if is_akl else STREAM_BLOCK), num_warps=STREAM_WARPS, **common)
+            BLOCK_V=_block(vocab, AKL_STATS_BLOCK if is_akl else STREAM_BLOCK), num_warps=STREAM_WARPS,
+            maxnreg=None if is_akl else MAX_REGISTERS, **common)
     if is_akl:
         _launch(akl_refine_kernel, grid,
                 t, labels_arg, stats, akl,
                 vocab, t.stride(0), inv_t, ignore_index, akl_alpha,
                 HAS_LABELS=has_labels, KEY_BITS=_key_bits(t), WAYS=REFINE_WAYS, CAPACITY=CAPACITY,
-                BLOCK_V=_block(vocab, REFINE_BLOCK), num_warps=STREAM_WARPS)
+                BLOCK_V=_block(vocab, REFINE_BLOCK), num_warps=STREAM_WARPS, maxnreg=MAX_REGISTERS)
         _launch(akl_rank_kernel, grid,
                 t, labels_arg, stats, akl,
                 vocab, t.stride(0), inv_t, ignore_index, akl_alpha,
                 HAS_LABELS=has_labels, KEY_BITS=_key_bits(t), CAPACITY=CAPACITY, BLOCK_V=block,
-                num_warps=STREAM_WARPS)
+                num_warps=STREAM_WARPS, maxnreg=MAX_REGISTERS)
     if divergence in ("akl", "todi"):
         _launch(finish_kernel, grid,
                 z, t, labels_arg, loss, stats, akl, listed,
                 vocab, z.stride(0), t.stride(0), inv_t, ignore_index, kd_weight, ce_weight, akl_alpha, todi_beta,
                 KEY_BITS=_key_bits(t), CAPACITY=CAPACITY, BLOCK_V=block, num_warps=STREAM_WARPS,
-                maxnreg=FINISH_MAX_REGISTERS, **common)
+                maxnreg=MAX_REGISTERS, **common)
     if is_akl:
         _launch(akl_resolve_kernel, grid,
                 z, t, labels_arg, loss, stats, akl, listed,
                 z.stride(0), t.stride(0), inv_t, ignore_index, kd_weight, ce_weight, akl_alpha,
                 HAS_LABELS=has_labels, HAS_CE=has_ce, KEY_BITS=_key_bits(t), CAPACITY=CAPACITY,
-                num_warps=RESOLVE_WARPS)
+                num_warps=RESOLVE_WARPS, maxnreg=MAX_REGISTERS)
     return loss, stats
 
 
@@ -157,5 +160,6 @@ def kd_backward(
             vocab, z.stride(0), t.stride(0), dz.stride(0), 1.0 / temperature, ignore_index,
             kd_weight, ce_weight, todi_beta,
             DIVERGENCE=DIVERGENCE_CODES[divergence], HAS_LABELS=labels is not None, HAS_CE=ce_weight != 0.0,
-            CE_SHARES_Z=temperature == 1.0, BLOCK_V=_block(vocab, STREAM_BLOCK), num_warps=STREAM_WARPS)
+            CE_SHARES_Z=temperature == 1.0, BLOCK_V=_block(vocab, STREAM_BLOCK), num_warps=STREAM_WARPS,
+            maxnreg=MAX_REGISTERS)
     return dz
