@@ -101,7 +101,7 @@ def test_akl_loss_on_hard_teachers(backend):
 def test_akl_refinement_and_rank_paths(monkeypatch, teacher_dtype, alpha, temperature):
     """With room for only 8 bracket entries, the kernels narrow wide brackets by passes over ``t`` and settle
     large tie groups by their index-order rank; the weights are still the stable sort's."""
-    monkeypatch.setattr(launch, "CAPACITY", 8)
+    monkeypatch.setattr(launch, "INTERPRETER_CAPACITY", 8)
     t = teacher_rows(301, seed=int(alpha * 10) + 3).to(teacher_dtype)
     z = torch.randn(t.shape, generator=torch.Generator().manual_seed(4))
     r_h, r_t = kernel_weights(z, t, "triton", temperature, alpha)

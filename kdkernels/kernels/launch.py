@@ -11,6 +11,7 @@ Every launch goes through :func:`_launch`, which :func:`recording` can divert in
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +33,10 @@ HINT_BINS = 4  # AKL: thresholds of the stats pass's bracket, ...
 HINT_NATS = 1.0  # ... HINT_NATS apart in t / T
 REFINE_WAYS = 8  # AKL refinement: parts per round
 REFINE_BLOCK = 1024
-CAPACITY = 1024  # AKL: most bracket entries ordered by akl_resolve_kernel
+CAPACITY = 1024  # AKL: most bracket entries ordered by akl_resolve_kernel...
+# ...64 under Triton's interpreter (CPU tests), where a 1024-entry sort costs about a second per row; the
+# smaller list sends more test rows through the refinement passes.
+INTERPRETER_CAPACITY = 64
 RESOLVE_WARPS = 8
 
 
@@ -71,6 +75,11 @@ def _block(vocab: int, cap: int) -> int:
     return max(16, min(triton.next_power_of_2(vocab), cap))
 
 
+def capacity() -> int:
+    """AKL's list size: ``CAPACITY`` on GPUs, ``INTERPRETER_CAPACITY`` under Triton's interpreter."""
+    return INTERPRETER_CAPACITY if os.environ.get("TRITON_INTERPRET") == "1" else CAPACITY
+
+
 def _key_bits(teacher: torch.Tensor) -> int:
     return 16 if teacher.element_size() == 2 else 32
 
@@ -95,7 +104,8 @@ def kd_forward(
         return loss, stats
     is_akl = divergence == "akl"
     akl = torch.empty((n_rows, AKL_COLS.value), dtype=torch.float32, device=z.device) if is_akl else stats
-    listed = torch.empty((n_rows, CAPACITY), dtype=torch.int32, device=z.device) if is_akl else stats
+    list_size = capacity()
+    listed = torch.empty((n_rows, list_size), dtype=torch.int32, device=z.device) if is_akl else stats
     labels_arg = labels if labels is not None else loss
     has_labels = labels is not None
     has_ce = ce_weight != 0.0
@@ -114,24 +124,24 @@ def kd_forward(
         _launch(akl_refine_kernel, grid,
                 t, labels_arg, stats, akl,
                 vocab, t.stride(0), inv_t, ignore_index, akl_alpha,
-                HAS_LABELS=has_labels, KEY_BITS=_key_bits(t), WAYS=REFINE_WAYS, CAPACITY=CAPACITY,
+                HAS_LABELS=has_labels, KEY_BITS=_key_bits(t), WAYS=REFINE_WAYS, CAPACITY=list_size,
                 BLOCK_V=_block(vocab, REFINE_BLOCK), num_warps=STREAM_WARPS, maxnreg=MAX_REGISTERS)
         _launch(akl_rank_kernel, grid,
                 t, labels_arg, stats, akl,
                 vocab, t.stride(0), inv_t, ignore_index, akl_alpha,
-                HAS_LABELS=has_labels, KEY_BITS=_key_bits(t), CAPACITY=CAPACITY, BLOCK_V=block,
+                HAS_LABELS=has_labels, KEY_BITS=_key_bits(t), CAPACITY=list_size, BLOCK_V=block,
                 num_warps=STREAM_WARPS, maxnreg=MAX_REGISTERS)
     if divergence in ("akl", "todi"):
         _launch(finish_kernel, grid,
                 z, t, labels_arg, loss, stats, akl, listed,
                 vocab, z.stride(0), t.stride(0), inv_t, ignore_index, kd_weight, ce_weight, akl_alpha, todi_beta,
-                KEY_BITS=_key_bits(t), CAPACITY=CAPACITY, BLOCK_V=block, num_warps=STREAM_WARPS,
+                KEY_BITS=_key_bits(t), CAPACITY=list_size, BLOCK_V=block, num_warps=STREAM_WARPS,
                 maxnreg=MAX_REGISTERS, **common)
     if is_akl:
         _launch(akl_resolve_kernel, grid,
                 z, t, labels_arg, loss, stats, akl, listed,
                 z.stride(0), t.stride(0), inv_t, ignore_index, kd_weight, ce_weight, akl_alpha,
-                HAS_LABELS=has_labels, HAS_CE=has_ce, KEY_BITS=_key_bits(t), CAPACITY=CAPACITY,
+                HAS_LABELS=has_labels, HAS_CE=has_ce, KEY_BITS=_key_bits(t), CAPACITY=list_size,
                 num_warps=RESOLVE_WARPS, maxnreg=MAX_REGISTERS)
     return loss, stats
 
