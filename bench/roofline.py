@@ -62,12 +62,18 @@ _LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 _BRANCH = re.compile(r"\bBRA(?:\.\S+)?\s+(?:`\(\.L_x_\d+\)|0x([0-9a-f]+))")
 
 
+def opcode(instruction: str) -> str:
+    """The opcode of a SASS instruction, its predicate (``@P0``, ``@!P1``) dropped: ``LDG.E.128``, ``MUFU.EX2``."""
+    words = instruction.split()
+    return words[1] if words[0].startswith("@") else words[0]
+
+
 def parse_sass(text: str) -> list[tuple[int, str]]:
     """``(address, instruction)`` pairs of a kernel's SASS (``cuobjdump -sass``), NOPs dropped."""
     out = []
     for match in _LINE.finditer(text):
         op = match.group(2)
-        if op.split()[0] != "NOP":
+        if opcode(op) != "NOP":
             out.append((int(match.group(1), 16), op))
     return out
 
@@ -82,7 +88,7 @@ def vocabulary_loop(instrs: list[tuple[int, str]]) -> list[str]:
             loops.append((int(found.group(1), 16), addr))
     inner = [(a, b) for a, b in loops if not any((c, d) != (a, b) and a <= c and d <= b for c, d in loops)]
     bodies = [[op for addr, op in instrs if a <= addr <= b] for a, b in inner]
-    bodies = [body for body in bodies if any(op.split()[-1].startswith("LDG") or " LDG" in op for op in body)]
+    bodies = [body for body in bodies if any(opcode(op).startswith("LDG") for op in body)]
     return max(bodies, key=len, default=[])
 
 
@@ -148,8 +154,7 @@ def kernel_cost(record, student: str, teacher: str) -> KernelCost:
     size = {"z": SIZES[student], "t": SIZES[teacher], "dz": SIZES[student]}
     res = aot.resources(cubin)
     return KernelCost(name=name, warps=record.meta["num_warps"], block=record.meta.get("BLOCK_V", 0) if loop else 0,
-                      loop_instr=len(loop), loop_mufu=sum(op.split()[0].startswith("MUFU") or " MUFU" in op
-                                                          for op in loop),
+                      loop_instr=len(loop), loop_mufu=sum(opcode(op).startswith("MUFU") for op in loop),
                       other_instr=len(instrs) - len(loop), bytes_per_elem=sum(size[s] for s in STREAMS[name]),
                       registers=res["reg"], local_bytes=res["local"] + res["stack"])
 

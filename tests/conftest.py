@@ -1,6 +1,7 @@
 """Test set-up: run the Triton kernels through the interpreter when there is no GPU, poison new buffers."""
 
 import os
+import tempfile
 
 import pytest
 import torch
