@@ -9,6 +9,9 @@ import torch
 # Before anything imports triton: without CUDA, Triton kernels run on the CPU through the interpreter.
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+# A fresh inductor cache per run: a cached graph keeps the output shapes of the ops' fake implementations, so a
+# graph cached before a change of the statistics layout would be replayed with the old shapes.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="kdkernels-inductor-"))
 
 _empty = torch.empty
 _empty_like = torch.empty_like
