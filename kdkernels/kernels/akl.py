@@ -38,7 +38,6 @@ from kdkernels.kernels.common import (
     AKL_LO,
     AKL_MASS_BELOW,
     AKL_ROUNDS,
-    CE,
     FKL_COL,
     LOG2E,
     LOGS_T,
@@ -56,6 +55,7 @@ from kdkernels.kernels.common import (
     pick,
     row_keep,
     store_key,
+    store_row_loss,
 )
 
 
@@ -243,7 +243,5 @@ def akl_resolve_kernel(
     r_t = tl.where(total > 0, g_tail / total, 0.5)
     tl.store(stats_row + R_HEAD, r_h)
     tl.store(stats_row + R_TAIL, r_t)
-    value = kd_weight * (r_h * tl.load(stats_row + FKL_COL) + r_t * tl.load(stats_row + RKL_COL))
-    if HAS_CE:
-        value += ce_weight * tl.load(stats_row + CE)
-    tl.store(loss_ptr + row, tl.where(keep, value, 0.0))
+    div = r_h * tl.load(stats_row + FKL_COL) + r_t * tl.load(stats_row + RKL_COL)
+    store_row_loss(loss_ptr, row, keep, div, stats_row, kd_weight, ce_weight, HAS_CE)

@@ -43,7 +43,6 @@ AKL_LISTED = tl.constexpr(9)  # entries listed so far by the finish pass (its at
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
-NEG_INF = tl.constexpr(float("-inf"))
 
 
 @triton.jit
@@ -52,6 +51,15 @@ def row_keep(labels_ptr, row, ignore_index, HAS_LABELS: tl.constexpr):
     if HAS_LABELS:
         return tl.load(labels_ptr + row) != ignore_index
     return row >= 0
+
+
+@triton.jit
+def store_row_loss(loss_ptr, row, keep, div, stats_row, kd_weight, ce_weight, HAS_CE: tl.constexpr):
+    """Row loss ``kd_weight * div + ce_weight * CE``, 0 for ignored rows."""
+    value = kd_weight * div
+    if HAS_CE:
+        value += ce_weight * tl.load(stats_row + CE)
+    tl.store(loss_ptr + row, tl.where(keep, value, 0.0))
 
 
 @triton.jit

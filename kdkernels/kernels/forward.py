@@ -56,17 +56,9 @@ from kdkernels.kernels.common import (
     row_keep,
     safe_log,
     safe_max,
+    store_row_loss,
     todi_weights,
 )
-
-
-@triton.jit
-def _finish_row(loss_ptr, row, keep, div, stats_row, kd_weight, ce_weight, HAS_CE: tl.constexpr):
-    """Row loss ``kd_weight * div + ce_weight * CE``, 0 for ignored rows."""
-    value = kd_weight * div
-    if HAS_CE:
-        value += ce_weight * tl.load(stats_row + CE)
-    tl.store(loss_ptr + row, tl.where(keep, value, 0.0))
 
 
 @triton.jit
@@ -201,7 +193,7 @@ def stats_kernel(
                      tl.min(min_t, axis=0), safe_max(m_t), log_st, scale2, akl_alpha, t_ptr.dtype.element_ty,
                      KEY_BITS, HINT_BINS)
     if (DIVERGENCE == FKL) or (DIVERGENCE == RKL):
-        _finish_row(loss_ptr, row, keep, div, stats_row, kd_weight, ce_weight, HAS_CE)
+        store_row_loss(loss_ptr, row, keep, div, stats_row, kd_weight, ce_weight, HAS_CE)
 
 
 @triton.jit
@@ -288,7 +280,7 @@ def finish_kernel(
             tl.store(list_ptr + row * CAPACITY + slot, offs, mask=listed & (slot < CAPACITY))
     if DIVERGENCE == TODI:
         tl.store(stats_row + TODI_S, tl.sum(s_a, axis=0) - tl.sum(s_b, axis=0))
-        _finish_row(loss_ptr, row, keep, tl.sum(acc, axis=0), stats_row, kd_weight, ce_weight, HAS_CE)
+        store_row_loss(loss_ptr, row, keep, tl.sum(acc, axis=0), stats_row, kd_weight, ce_weight, HAS_CE)
     else:
         tl.store(stats_row + MASS_P, tl.sum(p_sum, axis=0))
         tl.store(stats_row + MASS_Q, tl.sum(q_sum, axis=0))

@@ -4,20 +4,18 @@ The forward of every backend returns ``stats``, a float32 ``(N, NUM_STATS)`` ten
 per row that the backward needs (and that a vocabulary-parallel version would all-reduce between
 passes). Columns:
 
-- ``LSE_Z``, ``LSE_T``: log-sum-exp of ``z / T`` and ``t / T`` (torch backend)
-- ``MAX_Z``, ``LOGS_Z``, ``MAX_T``, ``LOGS_T`` (Triton kernels): the row maximum of the raw logits and the
+- ``MAX_Z``, ``LOGS_Z``, ``MAX_T``, ``LOGS_T``: the row maximum of the raw logits and the
   log of ``sum exp((x - max) / T)``, kept apart so that ``log p = (x - max) / T - log s`` stays exact at any
   logit magnitude (an absolute float32 log-sum-exp of logits near 1e4 has lost the digits that matter)
 - ``MASS_P``, ``MASS_Q``: ``P = sum_m p``, ``Q = sum_m q`` (1 when nothing is masked)
 - ``FKL``, ``RKL``: the row's forward and reverse KL (when the divergence needs them)
 - ``TODI_S``: ToDi's ``S_a - S_b``
 - ``R_HEAD``, ``R_TAIL``: AKL weights
-- ``LSE_CE``, ``CE``: log-sum-exp of the raw ``z`` and the cross-entropy, for the hard-label term
-  (``MAX_CE``, ``LOGS_CE`` in the kernels, the same split as above at temperature 1)
+- ``MAX_CE``, ``LOGS_CE``, ``CE``: the same split for the raw ``z`` (temperature 1) and the cross-entropy, for
+  the hard-label term
 """
 
 DIVERGENCE_CODES = {"fkl": 0, "rkl": 1, "akl": 2, "todi": 3}
 
-(LSE_Z, LSE_T, MASS_P, MASS_Q, FKL, RKL, TODI_S, R_HEAD, R_TAIL, LSE_CE, CE,
- MAX_Z, LOGS_Z, MAX_T, LOGS_T, MAX_CE, LOGS_CE) = range(17)
-NUM_STATS = 17
+(MAX_Z, LOGS_Z, MAX_T, LOGS_T, MAX_CE, LOGS_CE, MASS_P, MASS_Q, FKL, RKL, TODI_S, R_HEAD, R_TAIL, CE) = range(14)
+NUM_STATS = 14

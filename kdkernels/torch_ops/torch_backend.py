@@ -8,8 +8,8 @@ Log-probabilities. With ``x`` a row of raw logits, ``m = max x`` and ``s = sum e
 log-probability is formed as ``(x - m) / T - log s``, never as ``x / T - lse`` with ``lse`` rounded to one
 float32 number: at ``|x| = 1e4`` that rounding alone moves every probability by 5e-4, and at ``x = -1e9`` (a
 common mask value) it swallows ``log s`` entirely. So the forward stores ``m`` and ``log s`` apart, in the columns
-the Triton kernels use (``MAX_Z``, ``LOGS_Z``, ``MAX_T``, ``LOGS_T``, and ``MAX_CE``, ``LOGS_CE`` at ``T = 1``),
-and leaves ``LSE_Z``, ``LSE_T`` and ``LSE_CE`` NaN. A row of all ``-inf`` has ``m = 0`` and, for the divergences,
+the Triton kernels use (``MAX_Z``, ``LOGS_Z``, ``MAX_T``, ``LOGS_T``, and ``MAX_CE``, ``LOGS_CE`` at ``T = 1``).
+A row of all ``-inf`` has ``m = 0`` and, for the divergences,
 ``log s = 0``, so its probabilities are exactly 0.
 
 Speed. The chunk functions follow the kernels: ``e = exp((x - m) / T)`` is computed once and the forward's sums
