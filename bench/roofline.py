@@ -175,6 +175,7 @@ def _passes(scale: float, temperature: float, dtype: str, vocab: int, rows: int)
     import torch
 
     from kdkernels.kernels import launch
+    from kdkernels.torch_ops.options import KDOptions
 
     gen = torch.Generator().manual_seed(0)
     z = torch.randn(rows, vocab, generator=gen).to(torch.bfloat16)
@@ -182,7 +183,7 @@ def _passes(scale: float, temperature: float, dtype: str, vocab: int, rows: int)
                                                                           "fp32": "float32"}[dtype]))
     launch.INTERPRETER_CAPACITY = launch.CAPACITY  # sample the GPU configuration
     with launch.recording() as records:
-        launch.kd_forward(z, t, None, "akl", -100, temperature, 0.5, 1.0, 1.0, 0.0)
+        launch.kd_forward(z, t, None, KDOptions("akl", temperature=temperature))
     for r in records[:3]:  # stats, refine, rank: what decides the passes
         r.kernel[r.grid](*r.args, **r.meta)
     akl = records[0].args[5]  # AKL_COUNT, AKL_ROUNDS: columns 2 and 7 (kernels/common.py)

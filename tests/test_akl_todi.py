@@ -11,6 +11,7 @@ import kdkernels as kd
 from kdkernels.kernels import launch
 from kdkernels.torch_ops import layout
 from kdkernels.torch_ops.op import kd_forward
+from kdkernels.torch_ops.options import KDOptions, op_args
 from kdkernels.torch_ops.reference import akl_weights, divergence_rows, log_probs
 from tests.utils import BACKENDS, assert_matches_reference
 
@@ -47,7 +48,7 @@ def cut_inside_tie_group(t: torch.Tensor, temperature: float, alpha: float) -> t
 
 
 def kernel_weights(z, t, backend, temperature, alpha):
-    _, stats = kd_forward(z, t, None, "akl", -100, temperature, alpha, 1.0, 1.0, 0.0, backend)
+    _, stats = kd_forward(z, t, None, *op_args(KDOptions("akl", temperature=temperature, akl_alpha=alpha)), backend)
     return stats[:, layout.R_HEAD], stats[:, layout.R_TAIL]
 
 

@@ -13,6 +13,7 @@ import torch
 import kdkernels as kd
 from kdkernels.torch_ops import layout
 from kdkernels.torch_ops.op import kd_forward
+from kdkernels.torch_ops.options import KDOptions, op_args
 from kdkernels.torch_ops.reference import DIVERGENCES, akl_weights, log_probs
 from tests.test_matrix import make_batch
 from tests.utils import TOLERANCE, reference_loss_and_grad, rel_err
@@ -54,7 +55,7 @@ def test_akl_weights_on_gpu(teacher_dtype):
     gen = torch.Generator().manual_seed(2)
     t = torch.randint(-4, 4, (16, 32000), generator=gen).float().to(teacher_dtype)  # ties everywhere
     z = torch.randn(16, 32000, generator=gen)
-    _, stats = kd_forward(z.cuda(), t.cuda(), None, "akl", -100, 1.0, 0.5, 1.0, 1.0, 0.0, "triton")
+    _, stats = kd_forward(z.cuda(), t.cuda(), None, *op_args(KDOptions("akl")), "triton")
     _, q = log_probs(z.double(), 1.0, torch.float64)
     _, p = log_probs(t.double(), 1.0, torch.float64)
     assert torch.allclose(stats[:, layout.R_HEAD].double().cpu(), akl_weights(p, q, 0.5)[0], atol=2e-6, rtol=0)
@@ -68,7 +69,8 @@ def test_akl_cut_at_production_size(teacher_dtype, scale, temperature, alpha):
     gen = torch.Generator().manual_seed(4)
     t = (scale * torch.randn(8, 128256, generator=gen)).to(teacher_dtype)
     z = torch.randn(8, 128256, generator=gen)
-    _, stats = kd_forward(z.cuda(), t.cuda(), None, "akl", -100, temperature, alpha, 1.0, 1.0, 0.0, "triton")
+    opts = KDOptions("akl", temperature=temperature, akl_alpha=alpha)
+    _, stats = kd_forward(z.cuda(), t.cuda(), None, *op_args(opts), "triton")
     _, q = log_probs(z.double(), temperature, torch.float64)
     _, p = log_probs(t.double(), temperature, torch.float64)
     ref_h, _ = akl_weights(p, q, alpha)

@@ -21,6 +21,7 @@ import torch
 import kdkernels as kd
 from kdkernels.torch_ops import layout
 from kdkernels.torch_ops.op import kd_forward
+from kdkernels.torch_ops.options import KDOptions, op_args
 from kdkernels.torch_ops.reference import akl_weights, log_probs
 from tests.utils import BACKENDS, assert_matches_reference, loss_and_grad
 
@@ -84,7 +85,7 @@ def test_rows_of_finfo_min(backend, divergence, dtype):
 def test_akl_alpha_near_its_bounds(backend, alpha):
     z = randn(64, 500, seed=7)
     t = randn(64, 500, seed=8, scale=30.0)
-    _, stats = kd_forward(z, t, None, "akl", -100, 1.0, alpha, 1.0, 1.0, 0.0, backend)
+    _, stats = kd_forward(z, t, None, *op_args(KDOptions("akl", akl_alpha=alpha)), backend)
     _, q = log_probs(z.double(), 1.0, torch.float64)
     _, p = log_probs(t.double(), 1.0, torch.float64)
     ref_h, ref_t = akl_weights(p, q, alpha)

@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from kdkernels.torch_ops.fused_linear import fused_linear_kd_loss
+from kdkernels.torch_ops.options import loss_options
 
 # Config fields with which a model's logits are not the plain output layer, and their neutral value.
 LOGIT_TRANSFORMS = {
@@ -151,16 +152,11 @@ def causal_lm_kd_loss(
     batch: Mapping[str, torch.Tensor],
     divergence: str = "fkl",
     *,
-    temperature: float = 1.0,
-    reduction: str = "mean",
-    akl_alpha: float = 0.5,
-    todi_beta: float = 1.0,
-    kd_weight: float = 1.0,
-    ce_weight: float = 0.0,
     backend: str = "auto",
     chunk_size: int | None = None,
     num_items_in_batch: int | torch.Tensor | None = None,
     vocab_size: int | None = None,
+    **options: object,
 ) -> torch.Tensor:
     """Distillation loss of two causal LMs on a batch, through the fused output layer.
 
@@ -173,7 +169,9 @@ def causal_lm_kd_loss(
             ``(B, S)`` (``-100`` where unlabelled; ``input_ids`` when absent), as a ``Trainer`` passes it. Every
             other entry the models' forwards accept goes to them too (see :func:`model_inputs`), e.g. the
             ``position_ids`` of packed sequences.
-        divergence and the other keywords: as in :func:`kdkernels.fused_linear_kd_loss`; rows are the
+        divergence, backend, chunk_size and ``**options`` (the fields of :class:`~kdkernels.KDOptions` but
+            ``ignore_index``, which the shifted labels fix at -100): as in :func:`kdkernels.fused_linear_kd_loss`;
+            rows are the
             ``B * (S - 1)`` shifted positions, those whose target is ignored (see :func:`shifted_labels`)
             count 0 and get no gradient. ``ce_weight`` adds the usual next-token cross-entropy.
         num_items_in_batch: with ``reduction="mean"``, divide the sum over the kept positions by this count
@@ -194,9 +192,17 @@ def causal_lm_kd_loss(
     _check_unsharded(t_model)
     if "input_ids" not in batch:
         raise ValueError("batch must contain 'input_ids'")
+    if "ignore_index" in options:
+        raise TypeError("ignore_index: causal_lm_kd_loss marks unlabelled positions with -100 itself")
+    opts = loss_options(divergence, ignore_index=IGNORE_INDEX, **options)
+    reduction = opts.reduction
     if num_items_in_batch is not None and reduction != "mean":
         raise ValueError(f"num_items_in_batch divides the sum as the mean's count; reduction must be 'mean', "
                          f"got {reduction!r}")
+    fused_options = opts._asdict()
+    del fused_options["divergence"]
+    if num_items_in_batch is not None:
+        fused_options["reduction"] = "sum"  # divided by num_items_in_batch below
     input_ids = batch["input_ids"]
     labels = shifted_labels(input_ids, batch.get("attention_mask"), batch.get("labels"))
     captured = []
@@ -224,10 +230,9 @@ def causal_lm_kd_loss(
         teacher_bias = None if t_head.bias is None else t_head.bias.detach()
         return fused_linear_kd_loss(
             hidden[:, :-1], s_head.weight, teacher_hidden[:, :-1], t_head.weight.detach(), divergence,
-            student_bias=s_head.bias, teacher_bias=teacher_bias, labels=labels, ignore_index=IGNORE_INDEX,
-            temperature=temperature, reduction="sum" if num_items_in_batch is not None else reduction,
-            akl_alpha=akl_alpha, todi_beta=todi_beta, kd_weight=kd_weight, ce_weight=ce_weight, backend=backend,
+            student_bias=s_head.bias, teacher_bias=teacher_bias, labels=labels, backend=backend,
             chunk_size=chunk_size, vocab_size=vocab_size,
+            **fused_options,
         )
 
     with _output_layer_replaced(s_head, fused_loss):

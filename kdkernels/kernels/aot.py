@@ -29,6 +29,7 @@ from triton.runtime.jit import create_function_from_signature
 
 from kdkernels.kernels import launch
 from kdkernels.torch_ops.layout import DIVERGENCE_CODES
+from kdkernels.torch_ops.options import KDOptions
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # (student, teacher) dtypes: the three plain ones and both mixes.
@@ -50,9 +51,9 @@ class Case:
     vocab: int = 128256
     rows: int = 8192
 
-    def options(self) -> dict:
-        return dict(temperature=2.0 if self.labels == "ce_t2" else 1.0,
-                    ce_weight=0.5 if self.labels.startswith("ce") else 0.0)
+    def options(self) -> KDOptions:
+        return KDOptions(self.divergence, temperature=2.0 if self.labels == "ce_t2" else 1.0,
+                         ce_weight=0.5 if self.labels.startswith("ce") else 0.0)
 
 
 def all_cases() -> list[Case]:
@@ -69,10 +70,8 @@ def launched(case: Case) -> list[launch.Launch]:
     labels = None if case.labels == "none" else torch.empty(case.rows, dtype=torch.int64, device=meta)
     opts = case.options()
     with launch.recording() as records:
-        _, stats = launch.kd_forward(z, t, labels, case.divergence, -100, opts["temperature"], 0.5, 1.0, 1.0,
-                                     opts["ce_weight"])
-        launch.kd_backward(torch.empty(case.rows, device=meta), z, t, labels, stats, case.divergence, -100,
-                           opts["temperature"], 1.0, 1.0, opts["ce_weight"])
+        _, stats = launch.kd_forward(z, t, labels, opts)
+        launch.kd_backward(torch.empty(case.rows, device=meta), z, t, labels, stats, opts)
     return records
 
 

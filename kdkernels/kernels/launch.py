@@ -22,6 +22,7 @@ from kdkernels.kernels.backward import grad_kernel
 from kdkernels.kernels.common import AKL_COLS
 from kdkernels.kernels.forward import finish_kernel, stats_kernel
 from kdkernels.torch_ops.layout import DIVERGENCE_CODES, NUM_STATS
+from kdkernels.torch_ops.options import KDOptions
 
 AKL_STATS_BLOCK = 4096  # entries per block of AKL's first pass (its per-block maxima amortised over more)
 STREAM_BLOCK = 2048  # entries per block of the other streaming passes
@@ -84,19 +85,11 @@ def _key_bits(teacher: torch.Tensor) -> int:
     return 16 if teacher.element_size() == 2 else 32
 
 
-def kd_forward(
-    z: torch.Tensor,
-    t: torch.Tensor,
-    labels: torch.Tensor | None,
-    divergence: str,
-    ignore_index: int,
-    temperature: float,
-    akl_alpha: float,
-    todi_beta: float,
-    kd_weight: float,
-    ce_weight: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def kd_forward(z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None,
+               opts: KDOptions) -> tuple[torch.Tensor, torch.Tensor]:
     """Row losses ``(N,)`` float32 and statistics ``(N, NUM_STATS)`` float32 of ``z``, ``t`` ``(N, V)``."""
+    divergence, ignore_index, temperature = opts.divergence, opts.ignore_index, opts.temperature
+    akl_alpha, todi_beta, kd_weight, ce_weight = opts.akl_alpha, opts.todi_beta, opts.kd_weight, opts.ce_weight
     n_rows, vocab = z.shape
     loss = torch.empty(n_rows, dtype=torch.float32, device=z.device)
     stats = torch.empty((n_rows, NUM_STATS), dtype=torch.float32, device=z.device)
@@ -146,20 +139,11 @@ def kd_forward(
     return loss, stats
 
 
-def kd_backward(
-    grad_rows: torch.Tensor,
-    z: torch.Tensor,
-    t: torch.Tensor,
-    labels: torch.Tensor | None,
-    stats: torch.Tensor,
-    divergence: str,
-    ignore_index: int,
-    temperature: float,
-    todi_beta: float,
-    kd_weight: float,
-    ce_weight: float,
-) -> torch.Tensor:
+def kd_backward(grad_rows: torch.Tensor, z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None,
+                stats: torch.Tensor, opts: KDOptions) -> torch.Tensor:
     """Gradient ``(N, V)`` w.r.t. ``z``, in ``z``'s dtype, from the row-loss gradient ``grad_rows`` ``(N,)``."""
+    divergence, ignore_index, temperature = opts.divergence, opts.ignore_index, opts.temperature
+    todi_beta, kd_weight, ce_weight = opts.todi_beta, opts.kd_weight, opts.ce_weight
     n_rows, vocab = z.shape
     dz = torch.empty((n_rows, vocab), dtype=z.dtype, device=z.device)
     if n_rows == 0:

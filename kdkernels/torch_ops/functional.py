@@ -11,6 +11,7 @@ import torch
 
 from kdkernels.torch_ops import validate
 from kdkernels.torch_ops.op import kd_forward
+from kdkernels.torch_ops.options import KDOptions, loss_options, op_args
 from kdkernels.torch_ops.reference import kd_loss_reference
 
 
@@ -36,30 +37,26 @@ def kd_loss(
     divergence: str = "fkl",
     *,
     labels: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    temperature: float = 1.0,
-    reduction: str = "mean",
-    akl_alpha: float = 0.5,
-    todi_beta: float = 1.0,
-    kd_weight: float = 1.0,
-    ce_weight: float = 0.0,
     backend: str = "auto",
+    **options: object,
 ) -> torch.Tensor:
     """Distillation loss between student and teacher logits, fused over the vocabulary.
 
     Args:
         student_logits: ``(..., V)`` float32/bfloat16/float16 (float64 on the torch/reference backends).
         teacher_logits: ``(..., V)``, same shape and device, any of those dtypes; must not require grad.
-        divergence: ``"fkl"`` KL(p||q), ``"rkl"`` KL(q||p), ``"akl"`` adaptive KL, ``"todi"`` token-wise.
+        divergence: ``"fkl"`` KL(p||q), ``"rkl"`` KL(q||p), ``"akl"`` adaptive KL, ``"todi"`` token-wise,
+            ``"sfkl"`` / ``"srkl"`` skewed KLs, ``"jsd"`` generalized Jensen-Shannon, ``"tvd"`` total variation.
         labels: optional ``(...)`` integer tensor; rows equal to ``ignore_index`` count 0 and get no gradient.
-        temperature: divides both logits; no ``T**2`` factor is applied. This and the other float options
-            take Python or NumPy numbers, or 0-dim CPU tensors outside ``torch.compile`` (not CUDA tensors:
-            reading one would synchronise with the device).
-        reduction: ``"mean"`` over kept rows (0 if none), ``"sum"``, or ``"none"`` (float32, shape ``(...)``).
-        akl_alpha: AKL tail mass in (0, 1). todi_beta: ToDi sigmoid slope (> 0).
-        kd_weight, ce_weight: ``row = kd_weight * divergence + ce_weight * CE(student_logits, labels)``,
-            with the cross-entropy at temperature 1 (``ce_weight != 0`` needs labels).
         backend: ``"auto"`` (Triton on CUDA, torch on CPU), ``"triton"``, ``"torch"`` or ``"reference"``.
+        **options: the fields of :class:`~kdkernels.KDOptions` (``temperature=1.0``, ``reduction="mean"``,
+            ``ignore_index=-100``, ``akl_alpha=0.5``, ``todi_beta=1.0``, ``skew_lambda=0.1``, ``jsd_beta=0.5``,
+            ``kd_weight=1.0``, ``ce_weight=0.0``). ``temperature`` divides both logits; no ``T**2`` factor is
+            applied. ``reduction="mean"`` averages over kept rows (0 if none), ``"sum"`` adds them, ``"none"``
+            returns float32 of shape ``(...)``. ``row = kd_weight * divergence + ce_weight * CE(student, labels)``
+            with the cross-entropy at temperature 1 (``ce_weight != 0`` needs labels). Float options take Python
+            or NumPy numbers, or 0-dim CPU tensors outside ``torch.compile``; under ``torch.compile`` a value
+            that changes between calls (a schedule) is a graph input, not a recompilation.
 
     Returns the loss; its gradient w.r.t. ``student_logits`` has the student's dtype.
 
@@ -69,17 +66,18 @@ def kd_loss(
         loss.backward()
     """
     validate.check_pair(student_logits, teacher_logits)
-    temperature, akl_alpha, todi_beta, kd_weight, ce_weight = validate.check_loss_options(
-        divergence, reduction, temperature, akl_alpha, todi_beta, kd_weight, ce_weight
-    )
-    validate.check_labels(labels, student_logits, ignore_index)
-    validate.check_ce(ce_weight, labels)
+    opts = loss_options(divergence, **options)
+    validate.check_labels(labels, student_logits)
+    validate.check_ce(opts.ce_weight, labels)
     backend = validate.resolve_backend(backend, student_logits, teacher_logits)
-    options = dict(divergence=divergence, labels=labels, ignore_index=ignore_index, temperature=temperature,
-                   reduction=reduction, akl_alpha=akl_alpha, todi_beta=todi_beta, kd_weight=kd_weight,
-                   ce_weight=ce_weight)
+    return loss_with_options(student_logits, teacher_logits, labels, opts, backend)
+
+
+def loss_with_options(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None,
+                      opts: KDOptions, backend: str) -> torch.Tensor:
+    """:func:`kd_loss` on checked arguments and a resolved backend."""
     if backend == "reference":
-        return kd_loss_reference(student_logits, teacher_logits, **options)
+        return kd_loss_reference(student_logits, teacher_logits, labels=labels, **opts._asdict())
     vocab = student_logits.shape[-1]
     z = student_logits.reshape(-1, vocab)
     t = teacher_logits.reshape(-1, vocab)
@@ -88,16 +86,20 @@ def kd_loss(
     t = t if t.stride(-1) == 1 else t.contiguous()
     # The kernels index labels by row, so they too must be contiguous (a strided view is copied).
     flat_labels = None if labels is None else labels.reshape(-1).to(torch.int64).contiguous()
-    rows, _ = kd_forward(z, t, flat_labels, divergence, ignore_index, temperature, akl_alpha, todi_beta, kd_weight,
-                         ce_weight, backend)
-    return reduce_rows(rows, flat_labels, ignore_index, reduction, student_logits.shape[:-1])
+    rows, _ = kd_forward(z, t, flat_labels, *op_args(opts), backend)
+    return reduce_rows(rows, flat_labels, opts.ignore_index, opts.reduction, student_logits.shape[:-1])
+
+
+SHORTCUTS = {"fkl": "forward_kl", "rkl": "reverse_kl", "akl": "adaptive_kl", "todi": "todi",
+             "sfkl": "skewed_forward_kl", "srkl": "skewed_reverse_kl", "jsd": "jensen_shannon",
+             "tvd": "total_variation"}
 
 
 def _shortcut(divergence: str):
     def loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, **kwargs) -> torch.Tensor:
         return kd_loss(student_logits, teacher_logits, divergence, **kwargs)
 
-    loss.__name__ = {"fkl": "forward_kl", "rkl": "reverse_kl", "akl": "adaptive_kl", "todi": "todi"}[divergence]
+    loss.__name__ = SHORTCUTS[divergence]
     loss.__doc__ = f"``kd_loss(student_logits, teacher_logits, {divergence!r}, **kwargs)``; same keywords."
     return loss
 
@@ -106,3 +108,7 @@ forward_kl = _shortcut("fkl")
 reverse_kl = _shortcut("rkl")
 adaptive_kl = _shortcut("akl")
 todi = _shortcut("todi")
+skewed_forward_kl = _shortcut("sfkl")
+skewed_reverse_kl = _shortcut("srkl")
+jensen_shannon = _shortcut("jsd")
+total_variation = _shortcut("tvd")

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from kdkernels.torch_ops import validate
 from kdkernels.torch_ops.functional import reduce_rows
 from kdkernels.torch_ops.op import kd_backward, kd_forward
+from kdkernels.torch_ops.options import loss_options, op_args
 
 FUSED_BACKENDS = ("auto", "torch", "triton")
 CHUNK_ELEMENTS = 1 << 24  # most logits entries of one chunk (64 MiB in float32)
@@ -63,7 +64,7 @@ def _sweep(student, teacher, labels, opts, row_grad, needs):
     dh = torch.zeros_like(h) if want[0] else None
     dw = torch.zeros(weight.shape, dtype=acc, device=h.device) if want[1] else None
     db = torch.zeros(bias.shape, dtype=acc, device=h.device) if want[2] else None
-    loss_options = opts["loss"]
+    flat_options = (*op_args(opts["loss"]), opts["backend"])
     step = opts["chunk_size"]
     for lo in range(0, n_rows, step):
         part = slice(lo, lo + step)
@@ -71,10 +72,10 @@ def _sweep(student, teacher, labels, opts, row_grad, needs):
         t = F.linear(g[part], t_weight, t_bias) if t_logits is None else t_logits[part]
         t = t if t.stride(-1) == 1 else t.contiguous()
         lab = None if labels is None else labels[part]
-        rows[part], stats = kd_forward(z, t, lab, *loss_options)
+        rows[part], stats = kd_forward(z, t, lab, *flat_options)
         if row_grad is None:
             continue
-        dz = kd_backward(row_grad[part], z, t, lab, stats, *_backward_options(loss_options))
+        dz = kd_backward(row_grad[part], z, t, lab, stats, *flat_options)
         del z, t, stats
         if dh is not None:
             dh[part] = dz @ weight
@@ -90,12 +91,6 @@ def _sweep(student, teacher, labels, opts, row_grad, needs):
     if row_grad is not None:
         grads = (dh, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(bias.dtype))
     return rows, grads
-
-
-def _backward_options(loss_options: tuple) -> tuple:
-    """``kd_forward``'s trailing options minus ``akl_alpha``, in ``kd_backward``'s order."""
-    divergence, ignore_index, temperature, _, todi_beta, kd_weight, ce_weight, backend = loss_options
-    return divergence, ignore_index, temperature, todi_beta, kd_weight, ce_weight, backend
 
 
 def _row_shares(n_rows: int, labels: torch.Tensor | None, ignore_index: int, reduction: str,
@@ -116,7 +111,7 @@ class _FusedLinearKD(torch.autograd.Function):
     def forward(ctx, h, weight, bias, g, t_weight, t_bias, t_logits, labels, opts, needs):
         student, teacher = (h, weight, bias), (g, t_weight, t_bias, t_logits)
         ctx.opts, ctx.needs = opts, needs
-        reduction, ignore_index = opts["reduction"], opts["loss"][1]
+        reduction, ignore_index = opts["loss"].reduction, opts["loss"].ignore_index
         if reduction == "none":
             rows, _ = _sweep(student, teacher, labels, opts, None, needs)
             ctx.save_for_backward(h, weight, bias, g, t_weight, t_bias, t_logits, labels)
@@ -127,7 +122,7 @@ class _FusedLinearKD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        if ctx.opts["reduction"] == "none":
+        if ctx.opts["loss"].reduction == "none":
             h, weight, bias, g, t_weight, t_bias, t_logits, labels = ctx.saved_tensors
             _, grads = _sweep((h, weight, bias), (g, t_weight, t_bias, t_logits), labels, ctx.opts,
                               grad_output.to(torch.float32), ctx.needs)
@@ -227,16 +222,10 @@ def fused_linear_kd_loss(
     teacher_bias: torch.Tensor | None = None,
     teacher_logits: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    temperature: float = 1.0,
-    reduction: str = "mean",
-    akl_alpha: float = 0.5,
-    todi_beta: float = 1.0,
-    kd_weight: float = 1.0,
-    ce_weight: float = 0.0,
     backend: str = "auto",
     chunk_size: int | None = None,
     vocab_size: int | None = None,
+    **options: object,
 ) -> torch.Tensor:
     """``kd_loss(student_hidden @ student_weight.T + student_bias, teacher logits, ...)`` without full logits.
 
@@ -246,10 +235,10 @@ def fused_linear_kd_loss(
         teacher_hidden, teacher_weight, teacher_bias: ``(..., H_t)``, ``(V, H_t)``, ``(V,)``; ``H_t`` may differ
             from ``H_s``, ``V`` may not. Or pass ``teacher_logits`` ``(..., V)`` instead. Teacher tensors are
             constants and must not require grad (``.detach()`` them).
-        divergence, labels, ignore_index, temperature, akl_alpha, todi_beta, kd_weight, ce_weight:
-            as in :func:`kdkernels.kd_loss` (the teacher is the target; no ``T**2`` factor; CE at T = 1).
-        reduction: ``"mean"`` over kept rows, ``"sum"``, or ``"none"`` (rows of shape ``(...)``; its backward
-            recomputes the logits, so it costs twice the matrix products).
+        divergence, labels, **options: as in :func:`kdkernels.kd_loss` (the fields of
+            :class:`~kdkernels.KDOptions`; the teacher is the target; no ``T**2`` factor; CE at T = 1).
+            ``reduction="none"`` gives rows of shape ``(...)``; its backward recomputes the logits, so it costs
+            twice the matrix products.
         backend: ``"auto"`` (Triton on CUDA, torch on CPU), ``"torch"`` or ``"triton"``.
         chunk_size: token rows per chunk; default :func:`auto_chunk_size` of ``V`` and the larger hidden size.
         vocab_size: use only the first ``vocab_size`` rows of both weights and biases (columns of
@@ -273,9 +262,9 @@ def fused_linear_kd_loss(
     if vocab_size is not None:
         w, b, u, c, t_logits = _first_entries(vocab_size, w, b, u, c, t_logits)
     teacher_ref = _check_inputs(h, w, b, g, u, c, t_logits)
-    validate.check_loss_options(divergence, reduction, temperature, akl_alpha, todi_beta, kd_weight, ce_weight)
-    validate.check_labels(labels, h, ignore_index)
-    validate.check_ce(ce_weight, labels)
+    loss_opts = loss_options(divergence, **options)
+    validate.check_labels(labels, h)
+    validate.check_ce(loss_opts.ce_weight, labels)
     validate.check_choice("backend", backend, FUSED_BACKENDS)
     backend = validate.resolve_backend(backend, h, teacher_ref)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)):
@@ -286,9 +275,8 @@ def fused_linear_kd_loss(
     hidden = max(w.shape[1], 0 if u is None else u.shape[1])
     wide = torch.float64 in (h.dtype, (t_logits if t_logits is not None else g).dtype)
     opts = {
-        "loss": (divergence, ignore_index, float(temperature), float(akl_alpha), float(todi_beta), float(kd_weight),
-                 float(ce_weight), backend),
-        "reduction": reduction,
+        "loss": loss_opts,
+        "backend": backend,
         "chunk_size": chunk_size or auto_chunk_size(vocab, hidden),
         "result_dtype": torch.float64 if wide else torch.float32,
     }
@@ -297,7 +285,7 @@ def fused_linear_kd_loss(
     flat = [None if x is None else x.reshape(-1, x.shape[-1]) for x in (h, g, t_logits)]
     flat_labels = None if labels is None else labels.reshape(-1).to(torch.int64).contiguous()
     out = _FusedLinearKD.apply(flat[0], w, b, flat[1], u, c, flat[2], flat_labels, opts, needs)
-    return out.reshape(lead) if reduction == "none" else out
+    return out.reshape(lead) if loss_opts.reduction == "none" else out
 
 
 class FusedLinearKDLoss(torch.nn.Module):
@@ -310,24 +298,17 @@ class FusedLinearKDLoss(torch.nn.Module):
         self,
         divergence: str = "fkl",
         *,
-        ignore_index: int = -100,
-        temperature: float = 1.0,
-        reduction: str = "mean",
-        akl_alpha: float = 0.5,
-        todi_beta: float = 1.0,
-        kd_weight: float = 1.0,
-        ce_weight: float = 0.0,
         backend: str = "auto",
         chunk_size: int | None = None,
         vocab_size: int | None = None,
+        **options: object,
     ):
         super().__init__()
-        validate.check_loss_options(divergence, reduction, temperature, akl_alpha, todi_beta, kd_weight, ce_weight)
+        opts = loss_options(divergence, **options)
         validate.check_choice("backend", backend, FUSED_BACKENDS)
         self.divergence = divergence
-        self.options = dict(ignore_index=ignore_index, temperature=temperature, reduction=reduction,
-                            akl_alpha=akl_alpha, todi_beta=todi_beta, kd_weight=kd_weight, ce_weight=ce_weight,
-                            backend=backend, chunk_size=chunk_size, vocab_size=vocab_size)
+        self.options = dict(opts._asdict(), backend=backend, chunk_size=chunk_size, vocab_size=vocab_size)
+        del self.options["divergence"]
 
     def forward(
         self,

@@ -1,13 +1,15 @@
 """The registered ops ``kdkernels::kd_forward`` / ``kdkernels::kd_backward`` and their autograd.
 
-``kd_forward(z, t, labels, ...) -> (row_loss (N,), stats (N, NUM_STATS))`` on ``(N, V)`` logits with unit
-stride over the vocabulary, and ``kd_backward(grad_rows, z, t, labels, stats, ...) -> dz (N, V)``, each
+``kd_forward(z, t, labels, params, divergence, ignore_index, backend) -> (row_loss (N,), stats (N, NUM_STATS))``
+on ``(N, V)`` logits with unit stride over the vocabulary, and
+``kd_backward(grad_rows, z, t, labels, stats, params, divergence, ignore_index, backend) -> dz (N, V)``, each
 dispatching to the Triton kernels or the torch backend. Being ``torch.library`` custom ops with fake
 implementations, they trace under ``torch.compile(fullgraph=True)`` without graph breaks. The reduction
 over rows happens outside, in ``functional.py``, so the backward always gets one gradient per row.
 
-The float options are ``float`` in the ops' schemas, so ``torch.compile`` specialises a graph to their values:
-each new value of a temperature or weight schedule compiles one more graph. The backward is first-order only:
+``(params, divergence, ignore_index)`` are :class:`~kdkernels.torch_ops.options.KDOptions` flattened by
+``options.op_args``: the float options travel as a CPU tensor, so ``torch.compile`` takes a temperature or weight
+schedule as a graph input rather than compiling a graph per value. The backward is first-order only:
 with ``create_graph=True`` it raises :data:`SECOND_DERIVATIVE` at once.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from kdkernels.torch_ops import layout, torch_backend
+from kdkernels.torch_ops.options import from_op
 
 SECOND_DERIVATIVE = (
     "kdkernels computes the gradient of its loss analytically and has no second derivative, so its backward "
@@ -41,22 +44,16 @@ def kd_forward(
     z: torch.Tensor,
     t: torch.Tensor,
     labels: torch.Tensor | None,
+    params: torch.Tensor,
     divergence: str,
     ignore_index: int,
-    temperature: float,
-    akl_alpha: float,
-    todi_beta: float,
-    kd_weight: float,
-    ce_weight: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _backend_module(backend).kd_forward(
-        z, t, labels, divergence, ignore_index, temperature, akl_alpha, todi_beta, kd_weight, ce_weight
-    )
+    return _backend_module(backend).kd_forward(z, t, labels, from_op(params, divergence, ignore_index))
 
 
 @kd_forward.register_fake
-def _(z, t, labels, divergence, ignore_index, temperature, akl_alpha, todi_beta, kd_weight, ce_weight, backend):
+def _(z, t, labels, params, divergence, ignore_index, backend):
     dtype = _result_dtype(z, t)
     return z.new_empty((z.shape[0],), dtype=dtype), z.new_empty((z.shape[0], layout.NUM_STATS), dtype=dtype)
 
@@ -68,38 +65,33 @@ def kd_backward(
     t: torch.Tensor,
     labels: torch.Tensor | None,
     stats: torch.Tensor,
+    params: torch.Tensor,
     divergence: str,
     ignore_index: int,
-    temperature: float,
-    todi_beta: float,
-    kd_weight: float,
-    ce_weight: float,
     backend: str,
 ) -> torch.Tensor:
-    return _backend_module(backend).kd_backward(
-        grad_rows, z, t, labels, stats, divergence, ignore_index, temperature, todi_beta, kd_weight, ce_weight
-    )
+    opts = from_op(params, divergence, ignore_index)
+    return _backend_module(backend).kd_backward(grad_rows, z, t, labels, stats, opts)
 
 
 @kd_backward.register_fake
-def _(grad_rows, z, t, labels, stats, divergence, ignore_index, temperature, todi_beta, kd_weight, ce_weight,
-      backend):
+def _(grad_rows, z, t, labels, stats, params, divergence, ignore_index, backend):
     return torch.empty_like(z, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
-    z, t, labels, divergence, ignore_index, temperature, _, todi_beta, kd_weight, ce_weight, backend = inputs
-    ctx.save_for_backward(z, t, labels, output[1])
-    ctx.options = (divergence, ignore_index, temperature, todi_beta, kd_weight, ce_weight, backend)
+    z, t, labels, params, divergence, ignore_index, backend = inputs
+    ctx.save_for_backward(z, t, labels, output[1], params)
+    ctx.options = (divergence, ignore_index, backend)
 
 
 def _backward(ctx, grad_loss, grad_stats):
     # Autograd enables grad mode in a backward only for create_graph=True, i.e. to differentiate the gradient.
     if torch.is_grad_enabled():
         raise RuntimeError(SECOND_DERIVATIVE)
-    z, t, labels, stats = ctx.saved_tensors
-    dz = kd_backward(grad_loss, z, t, labels, stats, *ctx.options)
-    return dz, None, None, None, None, None, None, None, None, None, None
+    z, t, labels, stats, params = ctx.saved_tensors
+    dz = kd_backward(grad_loss, z, t, labels, stats, params, *ctx.options)
+    return dz, None, None, None, None, None, None
 
 
 kd_forward.register_autograd(_backward, setup_context=_setup_context)

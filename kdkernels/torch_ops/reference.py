@@ -71,6 +71,8 @@ def divergence_rows(
     temperature: float = 1.0,
     akl_alpha: float = 0.5,
     todi_beta: float = 1.0,
+    skew_lambda: float = 0.1,
+    jsd_beta: float = 0.5,
 ) -> torch.Tensor:
     """Row divergences ``(N,)`` of student logits ``z`` and teacher logits ``t``, both ``(N, V)``."""
     dtype = compute_dtype(z, t)
@@ -118,6 +120,8 @@ def kd_loss_reference(
     reduction: str = "mean",
     akl_alpha: float = 0.5,
     todi_beta: float = 1.0,
+    skew_lambda: float = 0.1,
+    jsd_beta: float = 0.5,
     kd_weight: float = 1.0,
     ce_weight: float = 0.0,
 ) -> torch.Tensor:
@@ -136,7 +140,7 @@ def kd_loss_reference(
         # Zeros stand in for the ignored rows' logits (which may be NaN padding), so autograd never sees them.
         z = torch.where(keep[:, None], z, 0.0)
         t = torch.where(keep[:, None], t, 0.0)
-    rows = kd_weight * divergence_rows(z, t, divergence, temperature, akl_alpha, todi_beta)
+    rows = kd_weight * divergence_rows(z, t, divergence, temperature, akl_alpha, todi_beta, skew_lambda, jsd_beta)
     if labels is not None:
         if ce_weight != 0.0:
             rows = rows + ce_weight * cross_entropy_rows(z, flat, rows.dtype)

@@ -36,6 +36,7 @@ import torch
 
 from kdkernels.torch_ops import layout
 from kdkernels.torch_ops.akl_select import akl_weights_select
+from kdkernels.torch_ops.options import KDOptions
 from kdkernels.torch_ops.reference import compute_dtype
 
 CHUNK_ELEMENTS = 1 << 21  # entries of one (chunk, V) temporary on the eager path
@@ -130,12 +131,13 @@ def _cross_entropy(c: torch.Tensor, s: torch.Tensor, labels: torch.Tensor) -> tu
     return log_sum, torch.where(valid, log_sum - picked, float("nan"))
 
 
-def forward_chunk(z, t, labels, divergence, ignore_index, temperature, akl_alpha, todi_beta, kd_weight, ce_weight):
+def forward_chunk(z, t, labels, opts: KDOptions):
     """Row losses ``(rows,)`` of one chunk and its statistics, as ``{column of layout.py: (rows,)}``.
 
     Separate outputs instead of one ``(rows, NUM_STATS)`` tensor: compiled, they come out of one loop over the
     rows, where a stacked tensor costs a loop (and a thread barrier) per column.
     """
+    divergence, temperature, kd_weight, ce_weight = opts.divergence, opts.temperature, opts.kd_weight, opts.ce_weight
     dtype = compute_dtype(z, t)
     zf, tf = z.to(dtype), t.to(dtype)
     m_z, m_t = _row_max(zf), _row_max(tf)
@@ -154,12 +156,12 @@ def forward_chunk(z, t, labels, divergence, ignore_index, temperature, akl_alpha
     if divergence == "akl":
         p = e_t / torch.where(s_t == 0, 1.0, s_t)[:, None]
         q = e_z / torch.where(s_z == 0, 1.0, s_z)[:, None]
-        cols[layout.R_HEAD], cols[layout.R_TAIL] = akl_weights_select(t, p, q, akl_alpha)
+        cols[layout.R_HEAD], cols[layout.R_TAIL] = akl_weights_select(t, p, q, opts.akl_alpha)
         div = cols[layout.R_HEAD] * cols[layout.FKL] + cols[layout.R_TAIL] * cols[layout.RKL]
     if divergence == "todi":
         lq, lp = a - log_s_z[:, None], b - log_s_t[:, None]
         d = torch.where(live, lq - lp, 0.0)
-        w, c = _sigmoids(d, todi_beta)
+        w, c = _sigmoids(d, opts.todi_beta)
         w_p, c_q = w * lp.exp(), c * lq.exp()
         s_a = torch.where(live, w_p, 0.0).sum(-1)
         s_b = torch.where(live, c_q * (d + 1.0), 0.0).sum(-1)
@@ -172,7 +174,7 @@ def forward_chunk(z, t, labels, divergence, ignore_index, temperature, akl_alpha
             cols[layout.MAX_CE] = m_z
             cols[layout.LOGS_CE], cols[layout.CE] = _cross_entropy(c_raw, s_raw, labels)
             row_loss = row_loss + ce_weight * cols[layout.CE]
-        row_loss = torch.where(labels != ignore_index, row_loss, 0.0)
+        row_loss = torch.where(labels != opts.ignore_index, row_loss, 0.0)
     return row_loss, cols
 
 
@@ -184,10 +186,10 @@ def _soft_minus_onehot(lq: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.where(valid[:, None], lq.exp() - onehot.to(lq.dtype), float("nan"))
 
 
-def backward_chunk(out, grad_rows, z, t, labels, stats, divergence, ignore_index, temperature, todi_beta,
-                   kd_weight, ce_weight) -> None:
+def backward_chunk(out, grad_rows, z, t, labels, stats, opts: KDOptions) -> None:
     """Write the gradient of one chunk of rows into ``out`` ``(rows, V)``: SPEC §2 times ``g kd_weight / T``,
     plus ``g ce_weight (softmax(z) - onehot)``, with ``g = grad_rows`` ``(rows,)``."""
+    divergence, temperature, kd_weight, ce_weight = opts.divergence, opts.temperature, opts.kd_weight, opts.ce_weight
     dtype = compute_dtype(z, t)
     st = stats.to(dtype)
     zf = z.to(dtype)
@@ -209,7 +211,7 @@ def backward_chunk(out, grad_rows, z, t, labels, stats, divergence, ignore_index
     elif divergence == "akl":
         g_div = st[:, layout.R_HEAD, None] * g_f + st[:, layout.R_TAIL, None] * g_r
     else:
-        w, c = _sigmoids(d, todi_beta)
+        w, c = _sigmoids(d, opts.todi_beta)
         g_div = torch.where(live, c * q * (d + 1.0) - w * p, 0.0) + q * st[:, layout.TODI_S, None]
     g = grad_rows.to(dtype)[:, None]
     grad = (g * (kd_weight / temperature)) * g_div
@@ -217,7 +219,7 @@ def backward_chunk(out, grad_rows, z, t, labels, stats, divergence, ignore_index
         if ce_weight != 0.0:
             lq_raw = _log_probs(zf, st[:, layout.MAX_CE], st[:, layout.LOGS_CE], 1.0)
             grad = grad + (g * ce_weight) * _soft_minus_onehot(lq_raw, labels)
-        grad = torch.where((labels != ignore_index)[:, None], grad, 0.0)
+        grad = torch.where((labels != opts.ignore_index)[:, None], grad, 0.0)
     out.copy_(grad)
 
 
@@ -267,18 +269,8 @@ def _row_ranges(n_rows: int, step: int, aligned: bool):
         yield lo, min(lo + step, n_rows)
 
 
-def kd_forward(
-    z: torch.Tensor,
-    t: torch.Tensor,
-    labels: torch.Tensor | None,
-    divergence: str,
-    ignore_index: int,
-    temperature: float,
-    akl_alpha: float,
-    todi_beta: float,
-    kd_weight: float,
-    ce_weight: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def kd_forward(z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None,
+               opts: KDOptions) -> tuple[torch.Tensor, torch.Tensor]:
     """Row losses ``(N,)`` and statistics ``(N, NUM_STATS)`` of ``z``, ``t`` ``(N, V)``; see ``layout.py`` and the
     module docstring (NaN in the columns this divergence does not use)."""
     n_rows, vocab = z.shape
@@ -286,35 +278,22 @@ def kd_forward(
     loss = torch.empty(n_rows, dtype=dtype, device=z.device)
     stats = torch.full((n_rows, layout.NUM_STATS), float("nan"), dtype=dtype, device=z.device)
     compiled = _use_compiled(z, t)
-    most = chunk_rows(vocab, compiled, akl_select=divergence == "akl")
+    most = chunk_rows(vocab, compiled, akl_select=opts.divergence == "akl")
     for lo, hi in _row_ranges(n_rows, _balanced(n_rows, most), compiled):
         lab = None if labels is None else labels[lo:hi]
-        loss[lo:hi], cols = _run(forward_chunk, compiled, z[lo:hi], t[lo:hi], lab, divergence, ignore_index,
-                                 temperature, akl_alpha, todi_beta, kd_weight, ce_weight)
+        loss[lo:hi], cols = _run(forward_chunk, compiled, z[lo:hi], t[lo:hi], lab, opts)
         for col, value in cols.items():
             stats[lo:hi, col] = value
     return loss, stats
 
 
-def kd_backward(
-    grad_rows: torch.Tensor,
-    z: torch.Tensor,
-    t: torch.Tensor,
-    labels: torch.Tensor | None,
-    stats: torch.Tensor,
-    divergence: str,
-    ignore_index: int,
-    temperature: float,
-    todi_beta: float,
-    kd_weight: float,
-    ce_weight: float,
-) -> torch.Tensor:
+def kd_backward(grad_rows: torch.Tensor, z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None,
+                stats: torch.Tensor, opts: KDOptions) -> torch.Tensor:
     """Gradient ``(N, V)`` w.r.t. ``z`` in ``z``'s dtype, from the row-loss gradient ``grad_rows`` ``(N,)``."""
     n_rows, vocab = z.shape
     dz = torch.empty((n_rows, vocab), dtype=z.dtype, device=z.device)
     compiled = _use_compiled(z, t)
     for lo, hi in _row_ranges(n_rows, _balanced(n_rows, chunk_rows(vocab, compiled)), compiled):
         lab = None if labels is None else labels[lo:hi]
-        _run(backward_chunk, compiled, dz[lo:hi], grad_rows[lo:hi], z[lo:hi], t[lo:hi], lab, stats[lo:hi],
-             divergence, ignore_index, temperature, todi_beta, kd_weight, ce_weight)
+        _run(backward_chunk, compiled, dz[lo:hi], grad_rows[lo:hi], z[lo:hi], t[lo:hi], lab, stats[lo:hi], opts)
     return dz

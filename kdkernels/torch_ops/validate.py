@@ -13,8 +13,6 @@ import sys
 
 import torch
 
-from kdkernels.torch_ops.reference import DIVERGENCES, REDUCTIONS
-
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 BACKENDS = ("auto", "triton", "torch", "reference")
 
@@ -28,8 +26,9 @@ def check_logits(name: str, x: object) -> None:
         raise ValueError(f"{name} must have shape (..., V) with V >= 1, got {tuple(x.shape)}")
 
 
-def check_number(name: str, value: object, *, low: float | None = None, high: float | None = None) -> float:
-    """``value`` as a float, checked finite and, when bounds are given, inside the open interval (low, high).
+def check_number(name: str, value: object, *, low: float | None = None, high: float | None = None,
+                 closed: bool = False) -> float:
+    """``value`` as a float, checked finite and, when bounds are given, inside (low, high) ([low, high] if closed).
 
     Takes a Python int or float, a NumPy scalar, or a 0-dim CPU tensor (read here: no device is involved). A CUDA
     tensor is refused, as reading it would be a host synchronisation. Under ``torch.compile`` only Python numbers
@@ -48,8 +47,9 @@ def check_number(name: str, value: object, *, low: float | None = None, high: fl
     value = torch.sym_float(value)
     if not -sys.float_info.max <= value <= sys.float_info.max:  # False for NaN and +-inf
         raise ValueError(f"{name} must be finite, got {value}")
-    if (low is not None and not low < value) or (high is not None and not value < high):
-        bounds = f"> {low}" if high is None else f"in ({low}, {high})"
+    inside = (lambda a, b: a <= b) if closed else (lambda a, b: a < b)
+    if (low is not None and not inside(low, value)) or (high is not None and not inside(value, high)):
+        bounds = f"> {low}" if high is None else (f"in [{low}, {high}]" if closed else f"in ({low}, {high})")
         raise ValueError(f"{name} must be {bounds}, got {value}")
     return value
 
@@ -74,9 +74,7 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
-def check_labels(labels: object, student_logits: torch.Tensor, ignore_index: object) -> None:
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+def check_labels(labels: object, student_logits: torch.Tensor) -> None:
     if labels is None:
         return
     if not isinstance(labels, torch.Tensor):
@@ -107,27 +105,6 @@ def check_pair(student_logits: object, teacher_logits: object) -> None:
         )
     if teacher_logits.requires_grad:
         raise ValueError("teacher_logits requires grad; the teacher is a constant target: pass .detach()")
-
-
-def check_loss_options(
-    divergence: object,
-    reduction: object,
-    temperature: object,
-    akl_alpha: object,
-    todi_beta: object,
-    kd_weight: object,
-    ce_weight: object,
-) -> tuple[float, float, float, float, float]:
-    """Check the options; returns ``(temperature, akl_alpha, todi_beta, kd_weight, ce_weight)`` as floats."""
-    check_choice("divergence", divergence, DIVERGENCES)
-    check_choice("reduction", reduction, REDUCTIONS)
-    return (
-        check_number("temperature", temperature, low=0.0),
-        check_number("akl_alpha", akl_alpha, low=0.0, high=1.0),
-        check_number("todi_beta", todi_beta, low=0.0),
-        check_number("kd_weight", kd_weight),
-        check_number("ce_weight", ce_weight),
-    )
 
 
 def check_ce(ce_weight: float, labels: torch.Tensor | None) -> None:
