@@ -10,12 +10,14 @@ passes). Columns:
 - ``MASS_P``, ``MASS_Q``: ``P = sum_m p``, ``Q = sum_m q`` (1 when nothing is masked)
 - ``FKL``, ``RKL``: the row's forward and reverse KL (when the divergence needs them)
 - ``TODI_S``: ToDi's ``S_a - S_b``
+- ``Q_G``: ``sum_m q g`` of the baselines (sfkl, srkl, jsd, tvd), ``g = dL/dq``: their gradient w.r.t. ``z_j`` is
+  ``q_j (g_j - Q_G) / T`` (SPEC §2b)
 - ``R_HEAD``, ``R_TAIL``: AKL weights
 - ``MAX_CE``, ``LOGS_CE``, ``CE``: the same split for the raw ``z`` (temperature 1) and the cross-entropy, for
   the hard-label term
 """
 
-DIVERGENCE_CODES = {"fkl": 0, "rkl": 1, "akl": 2, "todi": 3}
+DIVERGENCE_CODES = {"fkl": 0, "rkl": 1, "akl": 2, "todi": 3, "sfkl": 4, "srkl": 5, "jsd": 6, "tvd": 7}
 
-(MAX_Z, LOGS_Z, MAX_T, LOGS_T, MAX_CE, LOGS_CE, MASS_P, MASS_Q, FKL, RKL, TODI_S, R_HEAD, R_TAIL, CE) = range(14)
-NUM_STATS = 14
+(MAX_Z, LOGS_Z, MAX_T, LOGS_T, MAX_CE, LOGS_CE, MASS_P, MASS_Q, FKL, RKL, TODI_S, R_HEAD, R_TAIL, CE, Q_G) = range(15)
+NUM_STATS = 15

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-DIVERGENCES = ("fkl", "rkl", "akl", "todi")
+DIVERGENCES = ("fkl", "rkl", "akl", "todi", "sfkl", "srkl", "jsd", "tvd")
 REDUCTIONS = ("mean", "sum", "none")
 
 
