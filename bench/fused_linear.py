@@ -29,6 +29,8 @@ import time
 
 import torch
 
+from kdkernels.torch_ops.reference import DIVERGENCES
+
 PROVIDERS = ("fused", "matmul", "eager")
 
 
@@ -122,7 +124,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--n", type=int, default=4096, help="token rows")
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--divergence", default="fkl", choices=("fkl", "rkl", "akl", "todi"))
+    parser.add_argument("--divergence", default="fkl", choices=DIVERGENCES, help="(default: fkl)")
     parser.add_argument("--providers", default=",".join(PROVIDERS), help="comma-separated subset of " +
                         ",".join(PROVIDERS))
     parser.add_argument("--temperature", type=float, default=1.0)

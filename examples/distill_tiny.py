@@ -5,7 +5,8 @@
 2. A teacher causal LM built from a ``transformers.LlamaConfig`` and trained briefly on next-token CE.
 3. Students (a smaller Llama, all from the same initialisation) trained on the same batches through the
    fused output layer + loss (:func:`kdkernels.integrations.transformers.causal_lm_kd_loss`): one per
-   divergence (fkl, rkl, akl, todi), and one with the hard-label cross-entropy only, for comparison.
+   divergence (fkl, rkl, akl, todi and the baselines sfkl, srkl, jsd, tvd), and one with the hard-label
+   cross-entropy only, for comparison.
 4. A table of held-out CE / perplexity / KL(teacher || student), and a PNG of the held-out CE curves, written
    to the system's temporary directory unless ``--out`` names a path (``--out examples/distill_tiny.png``
    regenerates the README's figure).
@@ -28,6 +29,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import kdkernels as kd
 from kdkernels.integrations.transformers import causal_lm_kd_loss
+from kdkernels.torch_ops.reference import DIVERGENCES
 
 DETERMINERS = {"sg": ["the", "a", "every", "this"], "pl": ["the", "some", "many", "these", "two"]}
 NOUNS = {"sg": ["cat", "dog", "bird", "child", "robot", "farmer", "river", "tree"],
@@ -40,8 +42,10 @@ PREPOSITIONS = ["near", "under", "behind", "with"]
 WORDS = sorted({w for group in (DETERMINERS, NOUNS, VERBS, INTRANSITIVE) for ws in group.values() for w in ws}
                | set(ADJECTIVES) | set(PREPOSITIONS) | {"."})
 TOKEN = {w: i for i, w in enumerate(WORDS)}
-RUNS = {"fkl": dict(divergence="fkl"), "rkl": dict(divergence="rkl"), "akl": dict(divergence="akl"),
-        "todi": dict(divergence="todi"), "ce only": dict(divergence="fkl", kd_weight=0.0, ce_weight=1.0)}
+# One student per divergence (each with its default parameters), and one on the hard labels only.
+RUNS = {**{name: dict(divergence=name) for name in DIVERGENCES},
+        "ce only": dict(divergence="fkl", kd_weight=0.0, ce_weight=1.0)}
+LINES = {"sfkl": "-.", "srkl": "-.", "jsd": "-.", "tvd": "-.", "ce only": "--"}  # baselines dash-dotted
 
 
 def noun_phrase(rng: random.Random, depth: int = 0) -> list[str]:
@@ -139,7 +143,7 @@ def plot(curves: dict, teacher_ce: float, path: Path) -> None:
     for ax, first in zip(axes, (0, last // 2)):
         for name, curve in curves.items():
             steps, ce = zip(*[(step, value) for step, value in curve if step >= first])
-            ax.plot(steps, ce, label=name, linestyle="--" if name == "ce only" else "-")
+            ax.plot(steps, ce, label=name, linestyle=LINES.get(name, "-"))
         ax.axhline(teacher_ce, color="black", linewidth=0.8, linestyle=":", label="teacher")
         ax.set_xlabel("student step")
         ax.grid(alpha=0.3)
