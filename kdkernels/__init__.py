@@ -18,6 +18,7 @@ from kdkernels.torch_ops.functional import (
 from kdkernels.torch_ops.fused_linear import FusedLinearKDLoss, fused_linear_kd_loss
 from kdkernels.torch_ops.modules import KDLoss
 from kdkernels.torch_ops.options import KDOptions
+from kdkernels.torch_ops.sparse import sparse_kd_loss, topk_teacher, topk_teacher_from_hidden
 
 __all__ = [
     "FusedLinearKDLoss",
@@ -31,7 +32,10 @@ __all__ = [
     "reverse_kl",
     "skewed_forward_kl",
     "skewed_reverse_kl",
+    "sparse_kd_loss",
     "todi",
+    "topk_teacher",
+    "topk_teacher_from_hidden",
     "total_variation",
 ]
 __version__ = "0.1.0"

@@ -22,6 +22,8 @@ KERNELS = {
     "todi": {"stats_kernel", "finish_kernel", "grad_kernel"},
     "akl": {"stats_kernel", "akl_refine_kernel", "akl_rank_kernel", "finish_kernel", "akl_resolve_kernel",
             "grad_kernel"},
+    # the baselines of SPEC §2b: log-sum-exps, then the loss and Q_G, then the gradient
+    **{d: {"stats_kernel", "finish_kernel", "grad_kernel"} for d in ("sfkl", "srkl", "jsd", "tvd")},
 }
 
 

@@ -18,9 +18,8 @@ from torch._dynamo.utils import counters
 
 import kdkernels as kd
 from kdkernels.torch_ops.op import SECOND_DERIVATIVE
+from kdkernels.torch_ops.reference import DIVERGENCES
 from tests.utils import BACKENDS, loss_and_grad
-
-DIVERGENCES = ["fkl", "rkl", "akl", "todi"]
 
 
 def batch(n_rows=4, vocab=12, seed=0, dtype=torch.float32):
@@ -173,7 +172,8 @@ def test_compiled_refuses_tensor_and_numpy_options(value, fresh_dynamo):
         fn(z, value)
 
 
-NUMBER_OPTIONS = dict(temperature=2.0, akl_alpha=0.3, todi_beta=1.5, kd_weight=0.5, ce_weight=0.25)
+NUMBER_OPTIONS = dict(temperature=2.0, akl_alpha=0.3, todi_beta=1.5, skew_lambda=0.2, jsd_beta=0.3, kd_weight=0.5,
+                      ce_weight=0.25)
 
 
 @pytest.mark.parametrize(
@@ -181,7 +181,7 @@ NUMBER_OPTIONS = dict(temperature=2.0, akl_alpha=0.3, todi_beta=1.5, kd_weight=0
     [np.float32, np.float64, torch.tensor, lambda x: torch.tensor(x, dtype=torch.float64)],
     ids=["np.float32", "np.float64", "tensor", "tensor64"],
 )
-@pytest.mark.parametrize("divergence", ["akl", "todi"])
+@pytest.mark.parametrize("divergence", ["akl", "todi", "srkl", "jsd"])
 def test_numpy_and_0dim_tensor_options(divergence, convert):
     """NumPy scalars and 0-dim CPU tensors are taken for every float option (a 0-dim tensor used to be a
     TypeError) and give the loss of the same Python floats (rounded to the given dtype)."""
@@ -209,7 +209,7 @@ def test_integer_options_become_floats():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("divergence", ["fkl", "todi"])
+@pytest.mark.parametrize("divergence", ["fkl", "todi", "jsd"])
 def test_double_backward_refused_at_the_first_backward(divergence, backend):
     """``create_graph=True`` raises at the first backward, saying the op has no second derivative (it used to
     return a gradient whose own backward failed with a message about ``kd_backward``)."""

@@ -12,7 +12,7 @@ import torch
 import kdkernels as kd
 from tests.utils import BACKENDS, loss_and_grad
 
-DIVERGENCES = ["fkl", "rkl", "akl", "todi"]
+DIVERGENCES = ["fkl", "rkl", "akl", "todi", "sfkl", "srkl", "jsd", "tvd"]
 
 
 def inputs(dtype=torch.float32):

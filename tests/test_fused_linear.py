@@ -18,7 +18,7 @@ from kdkernels.torch_ops.fused_linear import auto_chunk_size
 from kdkernels.torch_ops.reference import kd_loss_reference
 from tests.utils import HAS_TRITON, rel_err
 
-DIVERGENCES = ["fkl", "rkl", "akl", "todi"]
+DIVERGENCES = ["fkl", "rkl", "akl", "todi", "sfkl", "srkl", "jsd", "tvd"]
 # name -> (options of the loss, teacher given as logits, biases, chunk_size)
 CASES = {
     "plain": (dict(), False, False, 8),
@@ -97,6 +97,9 @@ TRITON_CASES = [
     ("akl", "plain"),
     ("todi", "teacher_logits_ce"),
     ("rkl", "none"),
+    ("sfkl", "ce_bias_ignored_T2"),
+    ("jsd", "teacher_logits_ce"),
+    ("tvd", "plain"),
 ]
 
 

@@ -17,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import kdkernels as kd
 from kdkernels.torch_ops import options, torch_backend
+from kdkernels.torch_ops.reference import DIVERGENCES
 
 PACKAGE = Path(kd.__file__).parent
 # The modules a training step runs through (the reference and the AOT helper are not in the op path).
@@ -38,7 +39,6 @@ SYNC_METHODS = {"item", "cpu", "tolist", "numpy", "synchronize", "nonzero"}
 # The one allowed read: the ops' float options travel as a CPU tensor (options.py), which ``from_op`` reads on the
 # host; it checks that the tensor is on the CPU, so no device is involved.
 ALLOWED = {("torch_ops/options.py", "from_op", "tolist")}
-DIVERGENCES = ["fkl", "rkl", "akl", "todi"]
 
 
 @pytest.mark.parametrize("module", OP_MODULES)

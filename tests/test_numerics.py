@@ -25,7 +25,7 @@ from kdkernels.torch_ops.options import KDOptions, op_args
 from kdkernels.torch_ops.reference import akl_weights, log_probs
 from tests.utils import BACKENDS, assert_matches_reference, loss_and_grad
 
-DIVERGENCES = ["fkl", "rkl", "akl", "todi"]
+DIVERGENCES = ["fkl", "rkl", "akl", "todi", "sfkl", "srkl", "jsd", "tvd"]
 
 
 def randn(*shape, seed=0, scale=3.0):

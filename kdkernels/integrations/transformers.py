@@ -12,6 +12,9 @@ This equals distilling ``model(...).logits`` only when the logits are exactly ``
 models that change them afterwards (final logit soft-capping, a logit scale or multiplier) are refused with a
 ``ValueError`` instead of silently changing the objective. ``transformers`` is needed
 (``pip install kdkernels[transformers]``) and imported on the first call.
+
+:func:`causal_lm_sparse_kd_loss` is the same loss against a sparse teacher that the batch carries (its top-k ids
+and log-probs, e.g. read back from a dump by ``topk_dump.read_topk``).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ LOGIT_TRANSFORMS = {
     "output_multiplier": 1.0,  # logits * multiplier
 }
 IGNORE_INDEX = -100  # the transformers convention for positions without a label
+TOPK_KEYS = ("teacher_indices", "teacher_logprobs")  # a batch's sparse teacher (topk_dump.py), not a model input
 
 
 def _pretrained_model_class():
@@ -98,7 +102,8 @@ def _check_unsharded(model: torch.nn.Module) -> None:
 
 
 def model_inputs(model: torch.nn.Module, batch: Mapping) -> dict:
-    """The entries of ``batch`` that ``model.forward`` accepts, ``labels`` excepted.
+    """The entries of ``batch`` that ``model.forward`` accepts, ``labels`` and a sparse teacher (``TOPK_KEYS``)
+    excepted.
 
     A forward with ``**kwargs`` (every recent ``transformers`` causal LM) gets every entry, as from a
     ``Trainer``: ``position_ids`` and the flash-attention lengths of packed batches (``DataCollatorWithFlattening``)
@@ -106,7 +111,8 @@ def model_inputs(model: torch.nn.Module, batch: Mapping) -> dict:
     """
     params = inspect.signature(model.forward).parameters
     any_keyword = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    inputs = {key: value for key, value in batch.items() if key != "labels" and (any_keyword or key in params)}
+    inputs = {key: value for key, value in batch.items()
+              if key not in ("labels", *TOPK_KEYS) and (any_keyword or key in params)}
     if "use_cache" in params:
         inputs["use_cache"] = False
     return inputs
@@ -144,6 +150,21 @@ def _check_hidden(name: str, hidden: torch.Tensor, input_ids: torch.Tensor) -> N
     if hidden.shape[:-1] != input_ids.shape:
         raise ValueError(f"{name}: the output layer received hidden states of shape {tuple(hidden.shape)}, not one "
                          f"per input position {tuple(input_ids.shape)}; do not pass logits_to_keep")
+
+
+def _fused_options(divergence: str, options: dict, num_items_in_batch) -> dict:
+    """The fused loss's keywords: checked options, ignore_index -100, a sum when ``num_items_in_batch`` divides it."""
+    if "ignore_index" in options:
+        raise TypeError("ignore_index: the causal LM losses mark unlabelled positions with -100 themselves")
+    opts = loss_options(divergence, ignore_index=IGNORE_INDEX, **options)
+    if num_items_in_batch is not None and opts.reduction != "mean":
+        raise ValueError(f"num_items_in_batch divides the sum as the mean's count; reduction must be 'mean', "
+                         f"got {opts.reduction!r}")
+    fused_options = opts._asdict()
+    del fused_options["divergence"]
+    if num_items_in_batch is not None:
+        fused_options["reduction"] = "sum"  # divided by num_items_in_batch
+    return fused_options
 
 
 def causal_lm_kd_loss(
@@ -192,17 +213,7 @@ def causal_lm_kd_loss(
     _check_unsharded(t_model)
     if "input_ids" not in batch:
         raise ValueError("batch must contain 'input_ids'")
-    if "ignore_index" in options:
-        raise TypeError("ignore_index: causal_lm_kd_loss marks unlabelled positions with -100 itself")
-    opts = loss_options(divergence, ignore_index=IGNORE_INDEX, **options)
-    reduction = opts.reduction
-    if num_items_in_batch is not None and reduction != "mean":
-        raise ValueError(f"num_items_in_batch divides the sum as the mean's count; reduction must be 'mean', "
-                         f"got {reduction!r}")
-    fused_options = opts._asdict()
-    del fused_options["divergence"]
-    if num_items_in_batch is not None:
-        fused_options["reduction"] = "sum"  # divided by num_items_in_batch below
+    fused_options = _fused_options(divergence, options, num_items_in_batch)
     input_ids = batch["input_ids"]
     labels = shifted_labels(input_ids, batch.get("attention_mask"), batch.get("labels"))
     captured = []
@@ -233,6 +244,55 @@ def causal_lm_kd_loss(
             student_bias=s_head.bias, teacher_bias=teacher_bias, labels=labels, backend=backend,
             chunk_size=chunk_size, vocab_size=vocab_size,
             **fused_options,
+        )
+
+    with _output_layer_replaced(s_head, fused_loss):
+        loss = student(**model_inputs(inner, batch))[0]  # the "logits": what fused_loss returned
+    return loss if num_items_in_batch is None else loss / num_items_in_batch
+
+
+def causal_lm_sparse_kd_loss(
+    student: torch.nn.Module,
+    batch: Mapping[str, torch.Tensor],
+    divergence: str = "fkl",
+    *,
+    tail: str = "bucket",
+    backend: str = "auto",
+    chunk_size: int | None = None,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    **options: object,
+) -> torch.Tensor:
+    """:func:`causal_lm_kd_loss` against a sparse teacher carried by the batch (offline distillation, SPEC §7).
+
+    Args:
+        student: as in :func:`causal_lm_kd_loss`.
+        batch: ``input_ids`` ``(B, S)``, optional ``attention_mask`` and ``labels``, and the teacher's top-k at every
+            position: ``teacher_indices`` ``(B, S, K)`` int32/int64 and ``teacher_logprobs`` ``(B, S, K)``, position
+            ``i`` holding its prediction of token ``i + 1`` (as ``kdkernels.integrations.topk_dump.read_topk`` yields
+            them; the last position is not used). The log-probs are the target as given.
+        divergence, tail: as in :func:`kdkernels.sparse_kd_loss` (``tail``: ``"bucket"``, ``"renormalize"``,
+            ``"truncate"``); ``temperature`` divides the student's logits only.
+        backend, chunk_size, num_items_in_batch, **options: as in :func:`causal_lm_kd_loss`.
+
+    Returns the float32 loss (``(B, S - 1)`` for ``reduction="none"``), through the fused output layer.
+    """
+    inner = _unwrap("student", student)
+    s_head = _output_layer("student", inner)
+    missing = [key for key in ("input_ids", *TOPK_KEYS) if key not in batch]
+    if missing:
+        raise ValueError(f"batch must contain {missing} (a sparse teacher: see kdkernels.integrations.topk_dump)")
+    fused_options = _fused_options(divergence, options, num_items_in_batch)
+    input_ids = batch["input_ids"]
+    labels = shifted_labels(input_ids, batch.get("attention_mask"), batch.get("labels"))
+    teacher_indices, teacher_logprobs = (batch[key][:, :-1] for key in TOPK_KEYS)
+
+    def fused_loss(hidden: torch.Tensor) -> torch.Tensor:
+        """The student's output layer for this call: reads its weight here, where FSDP has gathered it."""
+        _check_hidden("student", hidden, input_ids)
+        return fused_linear_kd_loss(
+            hidden[:, :-1], s_head.weight, divergence=divergence, student_bias=s_head.bias,
+            teacher_indices=teacher_indices, teacher_logprobs=teacher_logprobs, tail=tail, labels=labels,
+            backend=backend, chunk_size=chunk_size, **fused_options,
         )
 
     with _output_layer_replaced(s_head, fused_loss):

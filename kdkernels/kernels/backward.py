@@ -6,6 +6,9 @@ With ``g`` the gradient of the row's loss, ``m`` the inf mask and ``d = lq - lp`
 - rkl:  ``m_j q_j (d_j + 1) - q_j (R + Q)``
 - akl:  ``r_h fkl_j + r_t rkl_j``
 - todi: ``m_j (c_j q_j (d_j + 1) - w_j p_j) + q_j (S_a - S_b)``, both sigmoids from one ``exp`` (as ``forward.py``)
+- sfkl, srkl, jsd, tvd (SPEC §2b): ``m_j q_j g_j - q_j Q_G``, ``g = dL/dq``, ``Q_G = sum_m q g`` from ``finish_kernel``;
+  with its mixture terms (``lxm = log2(X / M)``, ``lym = log2(Y / M)``): sfkl ``q g = -(1 - lambda) q 2^lxm``, srkl
+  ``q g = q ln2 lxm + (1 - lambda) p 2^lxm``, jsd ``q g = (1 - beta) q ln2 lym``, tvd ``q g = q sign(q - p) / 2``.
 
 ``dz_j = g (kd_weight / T * div_j + ce_weight (softmax(z)_j - [j == label]))``; ignored rows get 0. A kept row
 whose label is outside ``[0, V)`` while ``ce_weight != 0`` has a NaN loss and gets a NaN gradient.
@@ -17,6 +20,7 @@ import triton.language as tl
 from kdkernels.kernels.common import (
     AKL,
     FKL,
+    JSD,
     LN2,
     LOG2E,
     LOGS_CE,
@@ -28,14 +32,19 @@ from kdkernels.kernels.common import (
     MAX_T,
     MAX_Z,
     NUM_STATS,
+    Q_G,
     R_HEAD,
     R_TAIL,
     RKL,
     RKL_COL,
+    SFKL,
+    SRKL,
     TODI,
     TODI_S,
+    TVD,
     load_block,
     log2_probs,
+    mixture,
     row_keep,
     todi_weights,
 )
@@ -45,13 +54,16 @@ from kdkernels.kernels.common import (
 def grad_kernel(
     z_ptr, t_ptr, labels_ptr, grad_rows_ptr, stats_ptr, dz_ptr,
     V, stride_z, stride_t, stride_dz, inv_t, ignore_index, kd_weight, ce_weight, todi_beta,
+    w_x, w_y,
     DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, CE_SHARES_Z: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     """dz: (N, V) in the student's dtype at ``stride_dz``; grad_rows: (N,) float32.
 
-    ``CE_SHARES_Z``: T == 1, so ``softmax(z)`` is ``q``.
+    ``CE_SHARES_Z``: T == 1, so ``softmax(z)`` is ``q``. ``w_x, w_y``: the mixture weights of
+    ``forward.finish_kernel`` (sfkl, srkl, jsd).
     """
+    MIXTURE: tl.constexpr = (DIVERGENCE == SFKL) or (DIVERGENCE == SRKL) or (DIVERGENCE == JSD)
     NEED_F: tl.constexpr = (DIVERGENCE == FKL) or (DIVERGENCE == AKL)
     NEED_R: tl.constexpr = (DIVERGENCE == RKL) or (DIVERGENCE == AKL)
     row = tl.program_id(0).to(tl.int64)
@@ -77,6 +89,8 @@ def grad_kernel(
         r_t = tl.load(stats_row + R_TAIL)
     if DIVERGENCE == TODI:
         s_ab = tl.load(stats_row + TODI_S)
+    if MIXTURE or (DIVERGENCE == TVD):
+        q_g = tl.load(stats_row + Q_G)
     if HAS_CE:
         label = tl.load(labels_ptr + row)
         valid = (label >= 0) & (label < V)
@@ -92,8 +106,13 @@ def grad_kernel(
         t = load_block(t_row, offs, read).to(tl.float32)
         lq2 = log2_probs(z, max_z, log_sz, scale2)
         lp2 = log2_probs(t, max_t, log_st, scale2)
-        q = tl.exp2(lq2)
-        p = tl.exp2(lp2)
+        if DIVERGENCE == SRKL:
+            q, p, lxm, lym = mixture(lq2, lp2, w_x, w_y)
+        elif MIXTURE:
+            p, q, lxm, lym = mixture(lp2, lq2, w_x, w_y)
+        else:
+            q = tl.exp2(lq2)
+            p = tl.exp2(lp2)
         live = (z != float("-inf")) & (t != float("-inf"))
         if NEED_R or (DIVERGENCE == TODI):
             d = (lq2 - lp2) * LN2
@@ -107,9 +126,20 @@ def grad_kernel(
             g_div = g_r
         elif DIVERGENCE == AKL:
             g_div = r_h * g_f + r_t * g_r
-        else:
+        elif DIVERGENCE == TODI:
             w, c = todi_weights(todi_beta * d)
             g_div = tl.where(live, c * q * (d + 1.0) - w * p, 0.0) + q * s_ab
+        else:
+            if DIVERGENCE == SFKL:
+                qg = -w_y * (q * tl.exp2(lxm))
+            elif DIVERGENCE == SRKL:
+                qg = LN2 * (q * lxm) + w_y * (p * tl.exp2(lxm))
+            elif DIVERGENCE == JSD:
+                qg = LN2 * w_y * (q * lym)
+            else:
+                gap = q - p
+                qg = 0.5 * tl.where(gap > 0.0, q, tl.where(gap < 0.0, -q, gap))  # gap: 0, or NaN
+            g_div = tl.where(live, qg, 0.0) - q * q_g
         grad = scale_kd * g_div
         if HAS_CE:
             if CE_SHARES_Z:

@@ -1,7 +1,10 @@
-"""Triton helpers shared by the kdkernels kernel family: constants, loads, order keys and AKL scratch columns."""
+"""Triton helpers shared by the kdkernels kernel family: constants, loads, mixtures, order keys, AKL scratch columns."""
+
+import os
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import libdevice
 
 from kdkernels.torch_ops import layout
 
@@ -10,6 +13,10 @@ FKL = tl.constexpr(layout.DIVERGENCE_CODES["fkl"])
 RKL = tl.constexpr(layout.DIVERGENCE_CODES["rkl"])
 AKL = tl.constexpr(layout.DIVERGENCE_CODES["akl"])
 TODI = tl.constexpr(layout.DIVERGENCE_CODES["todi"])
+SFKL = tl.constexpr(layout.DIVERGENCE_CODES["sfkl"])
+SRKL = tl.constexpr(layout.DIVERGENCE_CODES["srkl"])
+JSD = tl.constexpr(layout.DIVERGENCE_CODES["jsd"])
+TVD = tl.constexpr(layout.DIVERGENCE_CODES["tvd"])
 
 # Columns of the (N, NUM_STATS) float32 statistics buffer.
 NUM_STATS = tl.constexpr(layout.NUM_STATS)
@@ -27,6 +34,7 @@ TODI_S = tl.constexpr(layout.TODI_S)
 R_HEAD = tl.constexpr(layout.R_HEAD)
 R_TAIL = tl.constexpr(layout.R_TAIL)
 CE = tl.constexpr(layout.CE)
+Q_G = tl.constexpr(layout.Q_G)
 
 # Columns of AKL's (N, AKL_COLS) float32 scratch (see akl.py for the cut search that fills them).
 AKL_COLS = tl.constexpr(10)
@@ -40,6 +48,10 @@ AKL_G_HEAD = tl.constexpr(6)
 AKL_ROUNDS = tl.constexpr(7)  # refinement rounds the row needed (read by the cost model)
 AKL_CUT_INDEX = tl.constexpr(8)  # one-key brackets: index of the last tail entry among them (-1: none)
 AKL_LISTED = tl.constexpr(9)  # entries listed so far by the finish pass (its atomic counter)
+
+# Compiled kernels take log2 from the MUFU unit; Triton's interpreter (CPU tests) has no libdevice and uses tl.log2.
+# The interpreter must be chosen before triton is imported, so this is fixed at import.
+MUFU_LOG2 = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -107,6 +119,44 @@ def todi_weights(x):
     big = tl.fdiv(1.0, 1.0 + u)
     small = u * big
     return tl.where(x >= 0, small, big), tl.where(x >= 0, big, small)
+
+
+@triton.jit
+def fast_log2(x):
+    """``log2 x`` in one MUFU op (``lg2.approx.ftz``: absolute error about 2^-22 for x in [0.5, 2], 2 ulp outside;
+    denormals flush to 0), where ``tl.log2`` compiles to a libdevice routine of ~25 instructions, more than half of a
+    streaming pass's budget per element. In :func:`mixture` that absolute error moves a row's loss by at most
+    ~2e-7 per unit of probability mass. Under the interpreter: ``tl.log2``."""
+    if MUFU_LOG2:
+        return libdevice.fast_log2f(x)
+    return tl.log2(x)
+
+
+@triton.jit
+def mixture(lx2, ly2, w_x, w_y):
+    """The mixture ``M = w_x X + w_y Y`` (``w_x + w_y = 1``) of two distributions, in log space with no epsilon, from
+    ``lx2 = log2 X``, ``ly2 = log2 Y``: returns ``X``, ``Y``, ``lxm = log2(X / M)`` and ``lym = log2(Y / M)``.
+
+    Three MUFU ops (two ``exp2``, one ``log2``) give both distributions and the mixture: with ``d = ly2 - lx2`` and
+    ``e = 2^-|d|`` in [0, 1], the larger of ``X``, ``Y`` is ``2^max(lx2, ly2)`` and the smaller that times ``e``;
+    ``M`` is the larger times ``s``, ``s = w_x + w_y e`` (``X`` larger) or ``w_x e + w_y`` (``Y`` larger), so
+    ``lxm = -max(d, 0) - log2 s`` and ``lym = min(d, 0) - log2 s``. ``s`` lies in [min(w_x, w_y), 1] one rounding
+    from exact: ``log2 s`` never underflows, no large log-probability is rounded into the mixture, and ``lym`` is not
+    formed as ``d + lxm`` (which cancels when ``|d|`` is large). Equal ``X`` and ``Y`` give ``s = 1`` (when
+    ``w_x + w_y`` rounds to 1), so ``lxm = log2 1``.
+
+    Where one of ``X``, ``Y`` is 0 (a -inf log) it is 0 exactly; where both are, both are 0 and ``lxm``, ``lym`` NaN
+    (callers mask those entries). A NaN makes ``e``, hence ``lxm`` and ``lym``, NaN.
+    """
+    d = ly2 - lx2
+    big = tl.exp2(tl.maximum(lx2, ly2))
+    e = tl.exp2(-tl.abs(d))
+    small = big * e
+    y_larger = d > 0
+    log_s = fast_log2(tl.where(y_larger, w_x, w_y) * e + tl.where(y_larger, w_y, w_x))
+    x = tl.where(y_larger, small, big)
+    y = tl.where(d < 0, small, big)
+    return x, y, -tl.maximum(d, 0.0) - log_s, tl.minimum(d, 0.0) - log_s
 
 
 @triton.jit

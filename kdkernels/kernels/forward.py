@@ -7,6 +7,9 @@ Passes over the logits in the forward (the backward adds one over ``z`` and ``t`
 - todi: 2 passes: ``stats_kernel``, then ``finish_kernel`` (``S_a``, ``S_b``, the loss).
 - akl: 2 passes over ``z`` and ``t`` for most rows (``stats_kernel``, which also brackets the head/tail cut,
   and ``finish_kernel``), plus passes over ``t`` alone for flat teachers; see ``akl.py``.
+- sfkl, srkl, jsd, tvd (SPEC §2b): 2 passes: ``stats_kernel`` (the log-sum-exps only, as cheap as for fkl), then
+  ``finish_kernel``: per entry the mixture (or ``|p - q|``) needs both final log-sum-exps; it sums the loss and
+  ``Q_G = sum_m q g``, ``g = dL/dq``, which makes the gradient one pass (``backward.py``).
 
 Every sum is kept per lane (a ``BLOCK_V`` vector) and reduced once at the end of the row; the block maximum
 rescales them when it grows. Work is in base 2 (``exp2``, ``scale2 = log2(e) / T``); the row maximum of the raw
@@ -33,6 +36,7 @@ from kdkernels.kernels.common import (
     CE,
     FKL,
     FKL_COL,
+    JSD,
     LN2,
     LOG2E,
     LOGS_CE,
@@ -44,13 +48,18 @@ from kdkernels.kernels.common import (
     MAX_T,
     MAX_Z,
     NUM_STATS,
+    Q_G,
     RKL,
     RKL_COL,
+    SFKL,
+    SRKL,
     TODI,
     TODI_S,
+    TVD,
     load_block,
     load_key,
     log2_probs,
+    mixture,
     order_key,
     rescale,
     row_keep,
@@ -200,6 +209,7 @@ def stats_kernel(
 def finish_kernel(
     z_ptr, t_ptr, labels_ptr, loss_ptr, stats_ptr, akl_ptr, list_ptr,
     V, stride_z, stride_t, inv_t, ignore_index, kd_weight, ce_weight, akl_alpha, todi_beta,
+    w_x, w_y,
     DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, KEY_BITS: tl.constexpr,
     CAPACITY: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
@@ -212,7 +222,19 @@ def finish_kernel(
     Inside the bracket: with at most ``CAPACITY`` entries, their indices go to ``list`` ((N, CAPACITY) int32,
     in any order: slots from an atomic counter) for ``akl_resolve_kernel``; otherwise the bracket is one key
     and the entries up to ``akl_rank_kernel``'s cut index are tail.
+
+    sfkl, srkl, jsd (SPEC §2b): the mixture ``M = w_x X + w_y Y`` of :func:`mixture`, ``lxm = log2(X / M)``:
+    sfkl ``X = p``, ``Y = q``, ``w_x = lambda``; srkl ``X = q``, ``Y = p``, ``w_x = lambda``; jsd ``X = p``,
+    ``Y = q``, ``w_x = beta``; ``w_y = 1 - w_x``. Per row, with ``g = dL/dq`` (in nats):
+
+    - sfkl: ``L = ln2 sum_m p lxm``, ``g = -(1 - lambda) p / M``, ``Q_G = -(1 - lambda) sum_m q 2^lxm``;
+    - srkl: ``L = ln2 sum_m q lxm``, ``g = ln(q / M) + 1 - lambda q / M``; as ``1 - lambda q / M = (1 - lambda) p / M``,
+      ``Q_G = L + (1 - lambda) sum_m p 2^lxm`` (a sum of positive terms, no cancellation);
+    - jsd:  ``L = ln2 (beta sum_m p lxm + (1 - beta) sum_m q lym)``, ``lym = log2(q / M)``,
+      ``g = (1 - beta) ln2 lym``, ``Q_G = (1 - beta) ln2 sum_m q lym``;
+    - tvd:  ``L = 1/2 sum_m |p - q|``, ``g = sign(q - p) / 2``, ``Q_G = 1/2 sum_m q sign(q - p)``.
     """
+    MIXTURE: tl.constexpr = (DIVERGENCE == SFKL) or (DIVERGENCE == SRKL) or (DIVERGENCE == JSD)
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * stride_z
     t_row = t_ptr + row * stride_t
@@ -226,7 +248,8 @@ def finish_kernel(
     log_st = tl.load(stats_row + LOGS_T)
     s_a = tl.zeros([BLOCK_V], tl.float32)
     s_b = tl.zeros([BLOCK_V], tl.float32)
-    acc = tl.zeros([BLOCK_V], tl.float32)
+    acc = tl.zeros([BLOCK_V], tl.float32)  # todi and the baselines: the loss
+    acc_g = tl.zeros([BLOCK_V], tl.float32)  # the baselines: their Q_G sum (jsd: the q part of the loss)
     g_tail = tl.zeros([BLOCK_V], tl.float32)
     g_head = tl.zeros([BLOCK_V], tl.float32)
     mass_below = tl.zeros([BLOCK_V], tl.float32)
@@ -260,6 +283,24 @@ def finish_kernel(
             s_a += tl.where(live, wp, 0.0)
             s_b += tl.where(live, cq * (d + 1.0), 0.0)
             acc += tl.where(live, (cq - wp) * d, 0.0)
+        if MIXTURE:
+            live = (z != float("-inf")) & (t != float("-inf"))
+            if DIVERGENCE == SRKL:
+                q_m, p_m, lxm, lym = mixture(lq2, lp2, w_x, w_y)
+                acc += tl.where(live, q_m * lxm, 0.0)
+                acc_g += tl.where(live, p_m * tl.exp2(lxm), 0.0)
+            else:
+                p_m, q_m, lxm, lym = mixture(lp2, lq2, w_x, w_y)
+                acc += tl.where(live, p_m * lxm, 0.0)
+                if DIVERGENCE == SFKL:
+                    acc_g += tl.where(live, q_m * tl.exp2(lxm), 0.0)
+                else:
+                    acc_g += tl.where(live, q_m * lym, 0.0)
+        if DIVERGENCE == TVD:
+            live = (z != float("-inf")) & (t != float("-inf"))
+            gap = q - p
+            acc += tl.where(live, tl.abs(gap), 0.0)
+            acc_g += tl.where(live, tl.where(gap > 0.0, q, tl.where(gap < 0.0, -q, gap)), 0.0)  # gap: 0, or NaN
         if DIVERGENCE == AKL:
             live = (z != float("-inf")) & (t != float("-inf"))
             d2 = lq2 - lp2
@@ -281,7 +322,7 @@ def finish_kernel(
     if DIVERGENCE == TODI:
         tl.store(stats_row + TODI_S, tl.sum(s_a, axis=0) - tl.sum(s_b, axis=0))
         store_row_loss(loss_ptr, row, keep, tl.sum(acc, axis=0), stats_row, kd_weight, ce_weight, HAS_CE)
-    else:
+    elif DIVERGENCE == AKL:
         tl.store(stats_row + MASS_P, tl.sum(p_sum, axis=0))
         tl.store(stats_row + MASS_Q, tl.sum(q_sum, axis=0))
         tl.store(stats_row + FKL_COL, -LN2 * tl.sum(f_sum, axis=0))
@@ -289,3 +330,20 @@ def finish_kernel(
         tl.store(akl_row + AKL_MASS_BELOW, tl.sum(mass_below, axis=0))
         tl.store(akl_row + AKL_G_TAIL, tl.sum(g_tail, axis=0))
         tl.store(akl_row + AKL_G_HEAD, tl.sum(g_head, axis=0))
+    else:
+        loss_sum = tl.sum(acc, axis=0)
+        g_sum = tl.sum(acc_g, axis=0)
+        if DIVERGENCE == SFKL:
+            div = LN2 * loss_sum
+            q_g = -w_y * g_sum
+        elif DIVERGENCE == SRKL:
+            div = LN2 * loss_sum
+            q_g = div + w_y * g_sum
+        elif DIVERGENCE == JSD:
+            div = LN2 * (w_x * loss_sum + w_y * g_sum)
+            q_g = LN2 * w_y * g_sum
+        else:
+            div = 0.5 * loss_sum
+            q_g = 0.5 * g_sum
+        tl.store(stats_row + Q_G, q_g)
+        store_row_loss(loss_ptr, row, keep, div, stats_row, kd_weight, ce_weight, HAS_CE)

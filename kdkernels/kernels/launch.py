@@ -85,6 +85,16 @@ def _key_bits(teacher: torch.Tensor) -> int:
     return 16 if teacher.element_size() == 2 else 32
 
 
+def mixture_weights(opts: KDOptions) -> tuple[float, float]:
+    """``(w, 1 - w)``: the mixture weights ``(w_x, w_y)`` of sfkl/srkl (``w = skew_lambda``) and jsd
+    (``w = jsd_beta``) for ``finish_kernel`` and ``grad_kernel``; zeros for the other divergences, which ignore them.
+    ``1 - w`` is formed here in float64: in the kernel, from a float32 ``w`` near 1, it would keep few digits."""
+    if opts.divergence not in ("sfkl", "srkl", "jsd"):
+        return 0.0, 0.0
+    w = opts.jsd_beta if opts.divergence == "jsd" else opts.skew_lambda
+    return w, 1.0 - w
+
+
 def kd_forward(z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None,
                opts: KDOptions) -> tuple[torch.Tensor, torch.Tensor]:
     """Row losses ``(N,)`` float32 and statistics ``(N, NUM_STATS)`` float32 of ``z``, ``t`` ``(N, V)``."""
@@ -124,10 +134,11 @@ def kd_forward(z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None,
                 vocab, t.stride(0), inv_t, ignore_index, akl_alpha,
                 HAS_LABELS=has_labels, KEY_BITS=_key_bits(t), CAPACITY=list_size, BLOCK_V=block,
                 num_warps=STREAM_WARPS, maxnreg=MAX_REGISTERS)
-    if divergence in ("akl", "todi"):
+    if divergence not in ("fkl", "rkl"):
         _launch(finish_kernel, grid,
                 z, t, labels_arg, loss, stats, akl, listed,
                 vocab, z.stride(0), t.stride(0), inv_t, ignore_index, kd_weight, ce_weight, akl_alpha, todi_beta,
+                *mixture_weights(opts),
                 KEY_BITS=_key_bits(t), CAPACITY=list_size, BLOCK_V=block, num_warps=STREAM_WARPS,
                 maxnreg=MAX_REGISTERS, **common)
     if is_akl:
@@ -152,7 +163,7 @@ def kd_backward(grad_rows: torch.Tensor, z: torch.Tensor, t: torch.Tensor, label
     _launch(grad_kernel, (n_rows,),
             z, t, labels if labels is not None else grad_rows, grad_rows, stats, dz,
             vocab, z.stride(0), t.stride(0), dz.stride(0), 1.0 / temperature, ignore_index,
-            kd_weight, ce_weight, todi_beta,
+            kd_weight, ce_weight, todi_beta, *mixture_weights(opts),
             DIVERGENCE=DIVERGENCE_CODES[divergence], HAS_LABELS=labels is not None, HAS_CE=ce_weight != 0.0,
             CE_SHARES_Z=temperature == 1.0, BLOCK_V=_block(vocab, STREAM_BLOCK), num_warps=STREAM_WARPS,
             maxnreg=MAX_REGISTERS)

@@ -2,7 +2,8 @@
 
 For ``N`` token rows (leading dimensions flattened), student hidden states ``h`` ``(N, H_s)``, output
 weight ``W`` ``(V, H_s)`` and optional bias ``b`` ``(V,)``, and a teacher given either as hidden states
-``g`` ``(N, H_t)`` with ``U`` ``(V, H_t)``, ``c`` ``(V,)`` or directly as logits ``t`` ``(N, V)``::
+``g`` ``(N, H_t)`` with ``U`` ``(V, H_t)``, ``c`` ``(V,)``, directly as logits ``t`` ``(N, V)``, or sparse (its top-k
+ids and log-probs ``(N, K)``, SPEC §7, through the registered ``sparse_forward``/``sparse_backward`` ops)::
 
     z = h W^T + b,   t = g U^T + c                      (one chunk of rows at a time)
     row_i = kd_weight * D(z_i, t_i) + ce_weight * CE(z_i, label_i)     (SPEC §2-3; no T**2 factor)
@@ -28,6 +29,7 @@ from kdkernels.torch_ops import validate
 from kdkernels.torch_ops.functional import reduce_rows
 from kdkernels.torch_ops.op import kd_backward, kd_forward
 from kdkernels.torch_ops.options import loss_options, op_args
+from kdkernels.torch_ops.sparse import check_sparse_teacher, check_tail, sparse_backward, sparse_forward
 
 FUSED_BACKENDS = ("auto", "torch", "triton")
 CHUNK_ELEMENTS = 1 << 24  # most logits entries of one chunk (64 MiB in float32)
@@ -53,10 +55,10 @@ def auto_chunk_size(vocab: int, hidden: int) -> int:
 def _sweep(student, teacher, labels, opts, row_grad, needs):
     """Row losses ``(N,)`` and, with ``row_grad`` ``(N,)``, the gradients ``(dh, dW, db)`` (``None`` if unneeded).
 
-    ``student = (h, W, b)``; ``teacher = (g, U, c, t)`` with either ``t`` or ``g, U`` given.
+    ``student = (h, W, b)``; ``teacher = (g, U, c, t, ids, lp)`` with either ``t``, ``g, U`` or ``ids, lp`` given.
     """
     h, weight, bias = student
-    g, t_weight, t_bias, t_logits = teacher
+    g, t_weight, t_bias, t_logits, t_ids, t_lp = teacher
     n_rows = h.shape[0]
     rows = torch.zeros(n_rows, dtype=opts["result_dtype"], device=h.device)
     acc = torch.promote_types(weight.dtype, torch.float32)  # accumulate the weight/bias gradients in float32+
@@ -65,18 +67,26 @@ def _sweep(student, teacher, labels, opts, row_grad, needs):
     dw = torch.zeros(weight.shape, dtype=acc, device=h.device) if want[1] else None
     db = torch.zeros(bias.shape, dtype=acc, device=h.device) if want[2] else None
     flat_options = (*op_args(opts["loss"]), opts["backend"])
+    sparse_options = (*flat_options[:-1], opts["tail"], opts["backend"])
     step = opts["chunk_size"]
     for lo in range(0, n_rows, step):
         part = slice(lo, lo + step)
         z = F.linear(h[part], weight, bias)
-        t = F.linear(g[part], t_weight, t_bias) if t_logits is None else t_logits[part]
-        t = t if t.stride(-1) == 1 else t.contiguous()
         lab = None if labels is None else labels[part]
-        rows[part], stats = kd_forward(z, t, lab, *flat_options)
+        if t_ids is None:
+            t = F.linear(g[part], t_weight, t_bias) if t_logits is None else t_logits[part]
+            t = t if t.stride(-1) == 1 else t.contiguous()
+            rows[part], stats = kd_forward(z, t, lab, *flat_options)
+        else:
+            rows[part], stats, grad_k = sparse_forward(z, t_ids[part], t_lp[part], lab, *sparse_options)
         if row_grad is None:
             continue
-        dz = kd_backward(row_grad[part], z, t, lab, stats, *flat_options)
-        del z, t, stats
+        if t_ids is None:
+            dz = kd_backward(row_grad[part], z, t, lab, stats, *flat_options)
+            del t
+        else:
+            dz = sparse_backward(row_grad[part], z, t_ids[part], t_lp[part], lab, stats, grad_k, *sparse_options)
+        del z, stats
         if dh is not None:
             dh[part] = dz @ weight
         if dw is not None:
@@ -108,13 +118,13 @@ class _FusedLinearKD(torch.autograd.Function):
     """Inputs already flattened to rows; ``opts`` holds the options, ``needs`` which gradients to make."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, g, t_weight, t_bias, t_logits, labels, opts, needs):
-        student, teacher = (h, weight, bias), (g, t_weight, t_bias, t_logits)
+    def forward(ctx, h, weight, bias, g, t_weight, t_bias, t_logits, t_ids, t_lp, labels, opts, needs):
+        student, teacher = (h, weight, bias), (g, t_weight, t_bias, t_logits, t_ids, t_lp)
         ctx.opts, ctx.needs = opts, needs
         reduction, ignore_index = opts["loss"].reduction, opts["loss"].ignore_index
         if reduction == "none":
             rows, _ = _sweep(student, teacher, labels, opts, None, needs)
-            ctx.save_for_backward(h, weight, bias, g, t_weight, t_bias, t_logits, labels)
+            ctx.save_for_backward(h, weight, bias, g, t_weight, t_bias, t_logits, t_ids, t_lp, labels)
             return rows
         shares = _row_shares(h.shape[0], labels, ignore_index, reduction, h.device) if any(needs) else None
         rows, ctx.grads = _sweep(student, teacher, labels, opts, shares, needs)
@@ -123,8 +133,8 @@ class _FusedLinearKD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         if ctx.opts["loss"].reduction == "none":
-            h, weight, bias, g, t_weight, t_bias, t_logits, labels = ctx.saved_tensors
-            _, grads = _sweep((h, weight, bias), (g, t_weight, t_bias, t_logits), labels, ctx.opts,
+            h, weight, bias, g, t_weight, t_bias, t_logits, t_ids, t_lp, labels = ctx.saved_tensors
+            _, grads = _sweep((h, weight, bias), (g, t_weight, t_bias, t_logits, t_ids, t_lp), labels, ctx.opts,
                               grad_output.to(torch.float32), ctx.needs)
         else:
             # The gradients made in the forward are handed over once and scaled in place (no second copy of dW).
@@ -132,7 +142,7 @@ class _FusedLinearKD(torch.autograd.Function):
                 raise RuntimeError(SECOND_BACKWARD)
             grads, ctx.grads = ctx.grads, None
             grads = tuple(None if x is None else x.mul_(grad_output.to(x.dtype)) for x in grads)
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None, None)
 
 
 def _check_weight(name: str, weight: object, bias_name: str, bias: object) -> None:
@@ -177,12 +187,18 @@ def _first_entries(vocab_size: object, w, b, u, c, t_logits) -> tuple:
     return first(w), first(b), first(u), first(c), None if t_logits is None else t_logits[..., :vocab_size]
 
 
-def _check_inputs(h, w, b, g, u, c, t_logits) -> torch.Tensor:
+def _check_inputs(h, w, b, g, u, c, t_logits, t_ids=None, t_lp=None) -> torch.Tensor:
     """All shape/dtype/device checks; returns the tensor standing for the teacher in backend checks."""
     _check_weight("student_weight", w, "student_bias", b)
     _check_hidden("student_hidden", h, "student_weight", w)
     lead, vocab = tuple(h.shape[:-1]), w.shape[0]
-    if t_logits is not None:
+    if t_ids is not None or t_lp is not None:
+        if t_ids is None or t_lp is None or t_logits is not None or g is not None or u is not None or c is not None:
+            raise ValueError("a sparse teacher is teacher_indices and teacher_logprobs together, with no other "
+                             "teacher argument")
+        check_sparse_teacher(h, t_ids, t_lp)
+        teacher = {}
+    elif t_logits is not None:
         if g is not None or u is not None or c is not None:
             raise ValueError("pass either teacher_logits or teacher_hidden and teacher_weight (with teacher_bias), "
                              "not both")
@@ -208,7 +224,7 @@ def _check_inputs(h, w, b, g, u, c, t_logits) -> torch.Tensor:
     for name, x in teacher.items():
         if x is not None and x.requires_grad:
             raise ValueError(f"{name} requires grad; the teacher is a constant target: pass .detach()")
-    return t_logits if t_logits is not None else g
+    return t_logits if t_logits is not None else (h if t_ids is not None else g)
 
 
 def fused_linear_kd_loss(
@@ -221,6 +237,9 @@ def fused_linear_kd_loss(
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
     teacher_logits: torch.Tensor | None = None,
+    teacher_indices: torch.Tensor | None = None,
+    teacher_logprobs: torch.Tensor | None = None,
+    tail: str = "bucket",
     labels: torch.Tensor | None = None,
     backend: str = "auto",
     chunk_size: int | None = None,
@@ -235,6 +254,8 @@ def fused_linear_kd_loss(
         teacher_hidden, teacher_weight, teacher_bias: ``(..., H_t)``, ``(V, H_t)``, ``(V,)``; ``H_t`` may differ
             from ``H_s``, ``V`` may not. Or pass ``teacher_logits`` ``(..., V)`` instead. Teacher tensors are
             constants and must not require grad (``.detach()`` them).
+        teacher_indices, teacher_logprobs, tail: or a sparse teacher, ``(..., K)`` ids and log-probs as in
+            :func:`kdkernels.sparse_kd_loss` (``tail``: ``"bucket"``, ``"renormalize"`` or ``"truncate"``).
         divergence, labels, **options: as in :func:`kdkernels.kd_loss` (the fields of
             :class:`~kdkernels.KDOptions`; the teacher is the target; no ``T**2`` factor; CE at T = 1).
             ``reduction="none"`` gives rows of shape ``(...)``; its backward recomputes the logits, so it costs
@@ -261,8 +282,9 @@ def fused_linear_kd_loss(
                                   teacher_bias, teacher_logits)
     if vocab_size is not None:
         w, b, u, c, t_logits = _first_entries(vocab_size, w, b, u, c, t_logits)
-    teacher_ref = _check_inputs(h, w, b, g, u, c, t_logits)
+    teacher_ref = _check_inputs(h, w, b, g, u, c, t_logits, teacher_indices, teacher_logprobs)
     loss_opts = loss_options(divergence, **options)
+    check_tail(tail, loss_opts.divergence)
     validate.check_labels(labels, h)
     validate.check_ce(loss_opts.ce_weight, labels)
     validate.check_choice("backend", backend, FUSED_BACKENDS)
@@ -273,18 +295,22 @@ def fused_linear_kd_loss(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     vocab, lead = w.shape[0], h.shape[:-1]
     hidden = max(w.shape[1], 0 if u is None else u.shape[1])
-    wide = torch.float64 in (h.dtype, (t_logits if t_logits is not None else g).dtype)
+    wide = torch.float64 in (h.dtype, teacher_ref.dtype)
     opts = {
         "loss": loss_opts,
         "backend": backend,
+        "tail": tail,
         "chunk_size": chunk_size or auto_chunk_size(vocab, hidden),
         "result_dtype": torch.float64 if wide else torch.float32,
     }
     grad_on = torch.is_grad_enabled()
     needs = tuple(grad_on and x is not None and x.requires_grad for x in (h, w, b))
     flat = [None if x is None else x.reshape(-1, x.shape[-1]) for x in (h, g, t_logits)]
+    t_ids, t_lp = [None if x is None else x.reshape(-1, x.shape[-1]).contiguous()
+                   for x in (teacher_indices, teacher_logprobs)]
+    t_ids = None if t_ids is None else t_ids.to(torch.int64)
     flat_labels = None if labels is None else labels.reshape(-1).to(torch.int64).contiguous()
-    out = _FusedLinearKD.apply(flat[0], w, b, flat[1], u, c, flat[2], flat_labels, opts, needs)
+    out = _FusedLinearKD.apply(flat[0], w, b, flat[1], u, c, flat[2], t_ids, t_lp, flat_labels, opts, needs)
     return out.reshape(lead) if loss_opts.reduction == "none" else out
 
 
@@ -301,13 +327,15 @@ class FusedLinearKDLoss(torch.nn.Module):
         backend: str = "auto",
         chunk_size: int | None = None,
         vocab_size: int | None = None,
+        tail: str = "bucket",
         **options: object,
     ):
         super().__init__()
         opts = loss_options(divergence, **options)
         validate.check_choice("backend", backend, FUSED_BACKENDS)
+        check_tail(tail, opts.divergence)
         self.divergence = divergence
-        self.options = dict(opts._asdict(), backend=backend, chunk_size=chunk_size, vocab_size=vocab_size)
+        self.options = dict(opts._asdict(), backend=backend, chunk_size=chunk_size, vocab_size=vocab_size, tail=tail)
         del self.options["divergence"]
 
     def forward(
@@ -320,11 +348,14 @@ class FusedLinearKDLoss(torch.nn.Module):
         student_bias: torch.Tensor | None = None,
         teacher_bias: torch.Tensor | None = None,
         teacher_logits: torch.Tensor | None = None,
+        teacher_indices: torch.Tensor | None = None,
+        teacher_logprobs: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, self.divergence,
                                     student_bias=student_bias, teacher_bias=teacher_bias,
-                                    teacher_logits=teacher_logits, labels=labels, **self.options)
+                                    teacher_logits=teacher_logits, teacher_indices=teacher_indices,
+                                    teacher_logprobs=teacher_logprobs, labels=labels, **self.options)
 
     def extra_repr(self) -> str:
         return f"divergence={self.divergence!r}, " + ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -12,11 +12,19 @@ Per row, with ``q = softmax(z / T)`` (student), ``p = softmax(t / T)`` (teacher,
 - ``akl``:  ``r_h F + r_t R`` with the head/tail weights of :func:`akl_weights` (constants)
 - ``todi``: ``sum_m [w p (lp - lq) + c q (lq - lp)]``, ``w = sigmoid(b (lp - lq))``,
   ``c = sigmoid(b (lq - lp))`` (constants)
+- ``sfkl``: ``sum_m p (lp - lm)``, ``lm = log(l p + (1 - l) q)`` (``l = skew_lambda``)
+- ``srkl``: ``sum_m q (lq - lm)``, ``lm = log((1 - l) p + l q)``
+- ``jsd``:  ``b sum_m p (lp - lM) + (1 - b) sum_m q (lq - lM)``, ``lM = log(b p + (1 - b) q)``
+  (``b = jsd_beta``); ``fkl`` at ``b = 0`` and ``rkl`` at ``b = 1`` (TRL's convention, SPEC §2b)
+- ``tvd``:  ``1/2 sum_m |p - q|`` (subgradient 0 where ``p = q``)
 
-The loss is not multiplied by ``T**2``.
+The mixtures are formed in log space (``logaddexp(log l + lp, log(1 - l) + lq)``); unlike AKL's and ToDi's
+weights, nothing in them is held constant. The loss is not multiplied by ``T**2``.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -74,13 +82,17 @@ def divergence_rows(
     skew_lambda: float = 0.1,
     jsd_beta: float = 0.5,
 ) -> torch.Tensor:
-    """Row divergences ``(N,)`` of student logits ``z`` and teacher logits ``t``, both ``(N, V)``."""
+    """Row divergences ``(N,)`` of student logits ``z`` and teacher logits ``t``, both ``(N, V)``; see the module
+    docstring (``skew_lambda`` is sfkl's and srkl's ``l``, ``jsd_beta`` is jsd's ``b``)."""
+    if divergence == "jsd" and jsd_beta in (0.0, 1.0):
+        divergence = "fkl" if jsd_beta == 0.0 else "rkl"  # the formula is 0 at both ends (SPEC §2b)
     dtype = compute_dtype(z, t)
     lq, q = log_probs(z, temperature, dtype)
     lp, p = log_probs(t, temperature, dtype)
     mask = (z != float("-inf")) & (t != float("-inf"))
     # Masked terms via torch.where on the factors, so autograd never multiplies 0 by inf.
-    d = torch.where(mask, lq, 0.0) - torch.where(mask, lp, 0.0)  # lq - lp, 0 where masked
+    lq, lp = torch.where(mask, lq, 0.0), torch.where(mask, lp, 0.0)
+    d = lq - lp  # 0 where masked
     fkl = -(p * d).sum(-1)
     rkl = (q * d).sum(-1)
     if divergence == "fkl":
@@ -94,19 +106,36 @@ def divergence_rows(
         w = torch.sigmoid(-todi_beta * d).detach()
         c = torch.sigmoid(todi_beta * d).detach()
         return (-w * p * d + c * q * d).sum(-1)
+    # The baselines (SPEC §2b), masked on their probability factors too.
+    pm, qm = torch.where(mask, p, 0.0), torch.where(mask, q, 0.0)
+    if divergence == "sfkl":
+        lm = torch.logaddexp(math.log(skew_lambda) + lp, math.log1p(-skew_lambda) + lq)
+        return (pm * (lp - lm)).sum(-1)
+    if divergence == "srkl":
+        lm = torch.logaddexp(math.log1p(-skew_lambda) + lp, math.log(skew_lambda) + lq)
+        return (qm * (lq - lm)).sum(-1)
+    if divergence == "jsd":
+        lm = torch.logaddexp(math.log(jsd_beta) + lp, math.log1p(-jsd_beta) + lq)
+        return jsd_beta * (pm * (lp - lm)).sum(-1) + (1.0 - jsd_beta) * (qm * (lq - lm)).sum(-1)
+    if divergence == "tvd":
+        gap = pm - qm
+        # 0 * gap**2 adds nothing to the value or to a finite gradient, but passes an invalid row's NaN on to
+        # its gradient, which abs()'s subgradient sign(NaN) = 0 would hide.
+        return 0.5 * (gap.abs() + 0.0 * gap.square()).sum(-1)
     raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
 
 
 def cross_entropy_rows(z: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Row cross-entropies ``logsumexp(z) - z[label]`` ``(N,)`` of raw logits ``z`` ``(N, V)`` (temperature 1).
+    """Row cross-entropies ``-log_softmax(z)[label]`` ``(N,)`` of raw logits ``z`` ``(N, V)`` (temperature 1).
 
-    A label outside ``[0, V)`` gives NaN (as in the kernels; ``F.cross_entropy`` would raise), one that points
-    at a ``-inf`` logit gives ``+inf``.
+    ``log_softmax`` subtracts the row maximum before adding the log of the sum, so the ``log V`` of a row of
+    ``finfo.min`` survives (``logsumexp(z) - z[label]`` rounds it away). A label outside ``[0, V)`` gives NaN
+    (as in the kernels; ``F.cross_entropy`` would raise), one that points at a ``-inf`` logit gives ``+inf``.
     """
-    z = z.to(dtype)
+    log_q = torch.log_softmax(z.to(dtype), dim=-1)
     valid = (labels >= 0) & (labels < z.shape[-1])
-    picked = z.gather(-1, torch.where(valid, labels, 0)[:, None])[:, 0]
-    return torch.logsumexp(z, dim=-1) - torch.where(valid, picked, float("nan"))
+    picked = log_q.gather(-1, torch.where(valid, labels, 0)[:, None])[:, 0]
+    return -torch.where(valid, picked, float("nan"))
 
 
 def kd_loss_reference(

@@ -1,8 +1,8 @@
 """The torch backend: the production path for CPU tensors.
 
-It computes the per-row statistics of ``layout.py`` and the analytic gradient of SPEC §2, a chunk of rows at a
-time, so its extra memory is bounded by a chunk whatever ``N``. It works in float32, or in float64 when an input
-is float64 (for ``gradcheck``).
+It computes the per-row statistics of ``layout.py`` and the analytic gradient of SPEC §2 and §2b, a chunk of rows
+at a time, so its extra memory is bounded by a chunk whatever ``N``. It works in float32, or in float64 when an
+input is float64 (for ``gradcheck``).
 
 Log-probabilities. With ``x`` a row of raw logits, ``m = max x`` and ``s = sum exp((x - m) / T)``, every
 log-probability is formed as ``(x - m) / T - log s``, never as ``x / T - lse`` with ``lse`` rounded to one
@@ -47,6 +47,7 @@ AKL_CHUNK_ELEMENTS = 1 << 20
 COMPILE_MIN_ELEMENTS = 1 << 18  # smaller inputs run eagerly, so test-sized calls never compile
 RECOMPILE_LIMIT = 64  # compilations of one chunk function (options x V) before dynamo runs it eagerly
 NEG_INF = float("-inf")
+BASELINES = ("sfkl", "srkl", "jsd", "tvd")  # SPEC §2b: gradient q (g - Q_G) / T with g = dL/dq
 _FAILED: set[str] = set()  # chunk functions whose compilation failed in this process
 
 
@@ -110,6 +111,64 @@ def _sigmoids(d: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]
     return torch.where(positive, small, big), torch.where(positive, big, small)
 
 
+def _mixture_log_ratios(lp: torch.Tensor, lq: torch.Tensor, w_p: float,
+                        w_q: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log(p / M), log(q / M))`` for ``M = w_p p + w_q q`` (``w_p + w_q = 1``), from ``lp``, ``lq`` ``(rows, V)``.
+
+    With ``d = lq - lp``, the larger of ``p`` and ``q`` factors out of ``M``: ``M = max(p, q) s`` with
+    ``s = 1 + w_small expm1(-|d|)`` (``w_small`` the weight of the smaller one), so ``log s = log1p(...)`` is exactly
+    0 where ``p == q`` and keeps its digits where they are close (no ``log`` of a sum, no epsilon). Both weights
+    are given, as ``1 - w`` of a ``w`` near 1 would have lost its digits.
+    """
+    d = lq - lp
+    w_small = torch.where(d <= 0, d.new_full((), w_q), w_p)  # in d's dtype (where() of two floats is float32)
+    log_s = torch.log1p(w_small * torch.expm1(-d.abs()))
+    return -d.clamp(min=0.0) - log_s, d.clamp(max=0.0) - log_s
+
+
+def _baseline_terms(lq, lp, q, p, live, opts: KDOptions, with_loss: bool):
+    """``(terms, g)`` of a baseline divergence (SPEC §2b), each ``(rows, V)`` and 0 where not ``live``: the row
+    loss is ``sum terms`` and ``g = dL/dq``, so that ``dL/dz_j = q_j (g_j - sum q g) / T``. ``terms`` is None
+    unless ``with_loss``. From the log-probabilities ``lq``, ``lp`` and probabilities ``q``, ``p``, all
+    ``(rows, V)``; with ``l = skew_lambda``, ``b = jsd_beta`` and the mixtures in log space:
+
+    - sfkl: ``lm = log(l p + (1 - l) q)``, terms ``p (lp - lm)``, ``g = -(1 - l) exp(lp - lm)``
+    - srkl: ``lm = log((1 - l) p + l q)``, terms ``q (lq - lm)``, ``g = lq - lm + 1 - l exp(lq - lm)``
+    - jsd:  ``lM = log(b p + (1 - b) q)``, terms ``b p (lp - lM) + (1 - b) q (lq - lM)``, ``g = (1 - b)(lq - lM)``
+      (``0 < b < 1``: ``options.from_op`` runs fkl and rkl at the ends)
+    - tvd:  terms ``|p - q| / 2``, ``g = sign(q - p) / 2`` (0 where ``p = q``)
+    """
+    divergence = opts.divergence
+    # Finite stand-ins where masked, so no -inf - -inf (NaN) arises in the entries that where() drops.
+    lq, lp = torch.where(live, lq, 0.0), torch.where(live, lp, 0.0)
+    terms = None
+    if divergence == "sfkl":
+        lam = opts.skew_lambda
+        log_ratio, _ = _mixture_log_ratios(lp, lq, lam, 1.0 - lam)
+        g = -(1.0 - lam) * log_ratio.exp()
+        if with_loss:
+            terms = p * log_ratio
+    elif divergence == "srkl":
+        lam = opts.skew_lambda
+        _, log_ratio = _mixture_log_ratios(lp, lq, 1.0 - lam, lam)
+        g = log_ratio + 1.0 - lam * log_ratio.exp()
+        if with_loss:
+            terms = q * log_ratio
+    elif divergence == "jsd":
+        beta = opts.jsd_beta
+        p_ratio, q_ratio = _mixture_log_ratios(lp, lq, beta, 1.0 - beta)
+        g = (1.0 - beta) * q_ratio
+        if with_loss:
+            terms = beta * p * p_ratio + (1.0 - beta) * q * q_ratio
+    else:
+        diff = q - p
+        g = 0.5 * diff.sign() + 0.0 * diff  # sign() maps NaN to 0; the product keeps an invalid row's NaN
+        if with_loss:
+            terms = 0.5 * diff.abs()
+    g = torch.where(live, g, 0.0)
+    return (None if terms is None else torch.where(live, terms, 0.0)), g
+
+
 def _kl_sums(e: torch.Tensor, s: torch.Tensor, centred_diff: torch.Tensor, live: torch.Tensor, log_ratio):
     """``(mass, kl)`` with ``mass = sum_m e / s`` and ``kl = sum_m (e/s) centred_diff - mass log_ratio``.
 
@@ -167,6 +226,12 @@ def forward_chunk(z, t, labels, opts: KDOptions):
         s_b = torch.where(live, c_q * (d + 1.0), 0.0).sum(-1)
         cols[layout.TODI_S] = s_a - s_b
         div = ((c_q - w_p) * d).sum(-1)  # d = 0 where masked
+    if divergence in BASELINES:
+        lq, lp = a - log_s_z[:, None], b - log_s_t[:, None]
+        q = lq.exp()
+        terms, g = _baseline_terms(lq, lp, q, lp.exp(), live, opts, with_loss=True)
+        cols[layout.Q_G] = (q * g).sum(-1)
+        div = terms.sum(-1)
     row_loss = kd_weight * div
     if labels is not None:
         if ce_weight != 0.0:
@@ -187,8 +252,9 @@ def _soft_minus_onehot(lq: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def backward_chunk(out, grad_rows, z, t, labels, stats, opts: KDOptions) -> None:
-    """Write the gradient of one chunk of rows into ``out`` ``(rows, V)``: SPEC §2 times ``g kd_weight / T``,
-    plus ``g ce_weight (softmax(z) - onehot)``, with ``g = grad_rows`` ``(rows,)``."""
+    """Write the gradient of one chunk of rows into ``out`` ``(rows, V)``: SPEC §2 / §2b times ``g kd_weight / T``
+    (the baselines' ``q (dL/dq - Q_G)``), plus ``g ce_weight (softmax(z) - onehot)``, with ``g = grad_rows``
+    ``(rows,)``."""
     divergence, temperature, kd_weight, ce_weight = opts.divergence, opts.temperature, opts.kd_weight, opts.ce_weight
     dtype = compute_dtype(z, t)
     st = stats.to(dtype)
@@ -197,7 +263,7 @@ def backward_chunk(out, grad_rows, z, t, labels, stats, opts: KDOptions) -> None
     lp = _log_probs(t.to(dtype), st[:, layout.MAX_T], st[:, layout.LOGS_T], temperature)
     q, p = lq.exp(), lp.exp()
     live = torch.minimum(lq, lp) != NEG_INF  # neither is -inf
-    if divergence != "fkl":
+    if divergence in ("rkl", "akl", "todi"):
         d = torch.where(live, lq - lp, 0.0)
     if divergence in ("fkl", "akl"):
         g_f = q * st[:, layout.MASS_P, None] - torch.where(live, p, 0.0)
@@ -210,6 +276,9 @@ def backward_chunk(out, grad_rows, z, t, labels, stats, opts: KDOptions) -> None
         g_div = g_r
     elif divergence == "akl":
         g_div = st[:, layout.R_HEAD, None] * g_f + st[:, layout.R_TAIL, None] * g_r
+    elif divergence in BASELINES:
+        _, g_q = _baseline_terms(lq, lp, q, p, live, opts, with_loss=False)
+        g_div = q * (g_q - st[:, layout.Q_G, None])
     else:
         w, c = _sigmoids(d, opts.todi_beta)
         g_div = torch.where(live, c * q * (d + 1.0) - w * p, 0.0) + q * st[:, layout.TODI_S, None]

@@ -1,0 +1,495 @@
+"""Sparse (top-k) teachers (SPEC §7): ``sparse_kd_loss``, ``topk_teacher`` and their registered ops.
+
+The teacher is given as ``K`` vocabulary ids per row with their log-probs (``-inf``: padding). Per row, with
+``lq = log_softmax(z / T)`` of the student over the whole vocabulary:
+
+- ``tail="bucket"`` (default): categories are the valid ids (ascending id order) and a rest category. Student
+  category log-probs ``c_k = lq_k`` and ``c_rest = log q_rest``, ``q_rest = sum_{j not in K} q_j`` (summed over those
+  entries: never ``1 - sum_K q``); teacher category logits ``lp_k`` and ``log p_rest``,
+  ``p_rest = max(0, 1 - sum_K p)``.
+- ``tail="renormalize"``: the valid categories only.
+- ``tail="truncate"`` (fkl only): ``sum_K p_k (lp_k - lq_k)``, ``p_k = exp(lp_k)`` as given; not a divergence.
+
+For bucket and renormalize the dense op of ``op.py`` (either backend) evaluates the divergence on the
+``(N, K [+1])`` category log-probs at temperature 1 and gives ``G = dL/dc`` (per unit row gradient). As ``c_k =
+z_k / T - LSE(z / T)`` and ``c_rest = log sum_{j not in K} exp(z_j / T) - LSE(z / T)``, the chain rule gives::
+
+    dL/dz_j = (1/T) (G_j [j in K] + G_rest [j not in K] q_j / q_rest - S q_j),   S = sum_c G_c
+
+and ``S = 0``, since the dense loss depends on category logits only through their softmax. Truncate has
+``G_k = -p_k`` and ``S = -sum_K p`` (its ``c_k`` are not category logits), hence ``q_j sum_K p - p_j [j in K]``.
+So the backward is one pass over ``z`` writing ``dz`` (``kernels/sparse.py``), with ``q_j / q_rest`` formed as
+``exp((z_j - m_r) / T) / s_r`` from the rest's own maximum and sum, which cannot overflow.
+
+A row whose valid ids repeat or leave ``[0, V)`` is invalid: its loss and gradient are NaN (tensor ops, no host
+synchronisation). ``topk_teacher`` gives the ``k`` largest ``log_softmax(t / T)`` and their ids, by a streaming
+Triton kernel on CUDA tensors and a row-chunked torch path on CPU tensors (and for ``k > 256``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kdkernels.torch_ops import validate
+from kdkernels.torch_ops.functional import reduce_rows
+from kdkernels.torch_ops.op import SECOND_DERIVATIVE, _backend_module
+from kdkernels.torch_ops.options import KDOptions, from_op, loss_options, op_args
+from kdkernels.torch_ops.sparse_reference import invalid_rows, rest_log_prob, sparse_kd_loss_reference
+from kdkernels.torch_ops.torch_backend import CHUNK_ELEMENTS
+
+TAILS = ("bucket", "renormalize", "truncate")
+# Columns of the streaming pass's output (kernels.sparse.sparse_stats, torch_stats): over the entries outside K
+# (bucket) or all entries, the maximum, ``log sum exp((z - max) / T)`` (-inf for none) and that sum at T = 1 (CE).
+R_MAX, R_LOGS, R_LOGS_CE = range(3)
+NUM_STREAM_STATS = 3
+# Columns of the sparse op's per-row statistics: the student's row maximum and log-sum (at T) of the whole row and
+# of the entries outside K (bucket), the whole row's log-sum at T = 1 (CE term; it shares the maximum), the rest
+# category's gradient G_rest and S (see the module docstring), the last two per unit row gradient.
+S_MAX, S_LOGS, S_MAX_R, S_LOGS_R, S_LOGS_CE, S_G_REST, S_S = range(7)
+NUM_SPARSE_STATS = 7
+NEG_INF = float("-inf")
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+# ----------------------------------------------------------------------------------------------- torch backend
+
+
+def _chunks(n_rows: int, vocab: int):
+    step = max(1, CHUNK_ELEMENTS // max(vocab, 1))
+    return (slice(lo, lo + step) for lo in range(0, n_rows, step))
+
+
+def _compute_dtype(z: torch.Tensor) -> torch.dtype:
+    return torch.float64 if z.dtype == torch.float64 else torch.float32
+
+
+def _row_max(x: torch.Tensor) -> torch.Tensor:
+    m = x.amax(-1)
+    return torch.where(m == NEG_INF, 0.0, m)
+
+
+def _safe_log(s: torch.Tensor) -> torch.Tensor:
+    return torch.where(s == 0, 0.0, torch.log(s))
+
+
+def _in_k(ids: torch.Tensor, use: torch.Tensor, vocab: int) -> torch.Tensor:
+    """``(rows, V)`` bool: True at the ids where ``use`` (the others scatter into a dropped extra column)."""
+    mask = torch.zeros((ids.shape[0], vocab + 1), dtype=torch.bool, device=ids.device)
+    return mask.scatter_(1, torch.where(use, ids, vocab), True)[:, :vocab]
+
+
+def torch_stats(z, ids, use, labels, opts: KDOptions, rest: bool) -> torch.Tensor:
+    """The torch backend's ``kernels.sparse.sparse_stats``: ``(N, NUM_STREAM_STATS)`` over the entries outside the
+    ids where ``use`` (``rest``) or over all entries, a chunk of rows at a time."""
+    n_rows, vocab = z.shape
+    dtype, temperature = _compute_dtype(z), opts.temperature
+    out = torch.zeros((n_rows, NUM_STREAM_STATS), dtype=dtype, device=z.device)
+    for part in _chunks(n_rows, vocab):
+        x = z[part].to(dtype)
+        if rest:
+            x = torch.where(_in_k(ids[part], use[part], vocab), NEG_INF, x)
+        m = _row_max(x)
+        out[part, R_MAX] = m
+        out[part, R_LOGS] = ((x - m[:, None]) / temperature).exp().sum(-1).log()
+        if opts.ce_weight != 0.0 and temperature != 1.0:
+            out[part, R_LOGS_CE] = (x - m[:, None]).exp().sum(-1).log()
+    return out
+
+
+def torch_backward(grad_rows, z, ids, lp, labels, stats, grad_k, opts: KDOptions, rest: bool) -> torch.Tensor:
+    """The torch backend's ``kernels.sparse.sparse_backward``: ``dz`` ``(N, V)``, a chunk of rows at a time."""
+    n_rows, vocab = z.shape
+    dtype, temperature = _compute_dtype(z), opts.temperature
+    dz = torch.empty_like(z, memory_format=torch.contiguous_format)
+    write = (lp != NEG_INF) & (ids >= 0) & (ids < vocab)
+    safe = torch.where(write, ids, 0)
+    for part in _chunks(n_rows, vocab):
+        x = z[part].to(dtype)
+        st = stats[part]
+        g = grad_rows[part].to(dtype)
+        q = ((x - st[:, S_MAX, None]) / temperature - st[:, S_LOGS, None]).exp()
+        out = -st[:, S_S, None] * q
+        if rest:
+            log_r = st[:, S_LOGS_R, None]
+            ratio = ((x - st[:, S_MAX_R, None]) / temperature - torch.where(log_r == NEG_INF, 0.0, log_r)).exp()
+            out = out + torch.where(_in_k(safe[part], write[part], vocab), 0.0, st[:, S_G_REST, None] * ratio)
+        out = out.scatter_add(1, safe[part], torch.where(write[part], grad_k[part].to(dtype), 0.0))
+        out = out * (g / temperature)[:, None]
+        if opts.ce_weight != 0.0:
+            soft = (x - st[:, S_MAX, None] - st[:, S_LOGS_CE, None]).exp()
+            label = labels[part]
+            valid = (label >= 0) & (label < vocab)
+            onehot = torch.arange(vocab, device=z.device) == label[:, None]
+            out = out + (torch.where(valid, opts.ce_weight * g, float("nan"))[:, None] * (soft - onehot.to(dtype)))
+        keep = torch.ones_like(g, dtype=torch.bool) if labels is None else labels[part] != opts.ignore_index
+        dz[part] = torch.where(keep[:, None], out, 0.0).to(z.dtype)
+    return dz
+
+
+def _order_keys(x: torch.Tensor) -> torch.Tensor:
+    """int64 keys ``(order key of float32 x) * 2**32 + (2**32 - 1 - j)``: distinct, ordered like ``(x, -j)``."""
+    bits = torch.where(x == 0, 0.0, x).to(torch.float32).view(torch.int32)
+    key32 = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
+    ids = torch.arange(x.shape[-1], device=x.device, dtype=torch.int64)
+    return key32 * 2**32 + (2**32 - 1 - ids)
+
+
+def torch_topk(t: torch.Tensor, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids (N, k) int64, lp (N, k) float32)``, a chunk of rows at a time: ``topk`` of :func:`_order_keys` (ties to
+    the lower id), a stable descending sort for float64 teachers (whose order float32 keys could lose)."""
+    n_rows, vocab = t.shape
+    ids = torch.empty((n_rows, k), dtype=torch.int64, device=t.device)
+    lp = torch.empty((n_rows, k), dtype=torch.float32, device=t.device)
+    dtype = _compute_dtype(t)
+    for part in _chunks(n_rows, vocab):
+        x = t[part]
+        if x.dtype == torch.float64:
+            top = torch.sort(x, dim=-1, descending=True, stable=True).indices[:, :k]
+        else:
+            top = _order_keys(x).topk(k, dim=-1).indices
+        x = x.to(dtype)
+        m = _row_max(x)
+        log_s = _safe_log(((x - m[:, None]) / temperature).exp().sum(-1))
+        ids[part] = top
+        lp[part] = ((x.gather(1, top) - m[:, None]) / temperature - log_s[:, None]).to(torch.float32)
+    return ids, lp
+
+
+# ------------------------------------------------------------------------------------------------ shared forward
+
+
+def _stats_fn(backend: str):
+    if backend == "triton":
+        from kdkernels.kernels import sparse as kernels  # imported on first use: importing kdkernels needs no triton
+
+        return kernels.sparse_stats, kernels.sparse_backward
+    return torch_stats, torch_backward
+
+
+def _row_stats(streamed: torch.Tensor, z_k: torch.Tensor, temperature: float, rest: bool) -> torch.Tensor:
+    """The op's ``(N, NUM_SPARSE_STATS)`` statistics (the last two columns 0) from the streaming pass's and, for the
+    bucket tail (which streams only the rest), the K gathered logits ``z_k`` (``-inf`` at padding): the whole row's
+    maximum ``M`` and ``log(exp((m_r - M) / T + log s_r) + sum_K exp((z_k - M) / T))``, and the same at T = 1."""
+    stats = torch.zeros((streamed.shape[0], NUM_SPARSE_STATS), dtype=streamed.dtype, device=streamed.device)
+    m_r, log_r, log_ce = streamed[:, R_MAX], streamed[:, R_LOGS], streamed[:, R_LOGS_CE]
+    stats[:, S_MAX_R], stats[:, S_LOGS_R] = m_r, log_r
+    if rest:
+        top = torch.maximum(torch.where(log_r == NEG_INF, NEG_INF, m_r), z_k.amax(-1))
+        top = torch.where(top == NEG_INF, 0.0, top)
+        shift = (m_r - top)[:, None]
+        gap = (z_k - top[:, None])
+        log_s = torch.cat([shift / temperature + log_r[:, None], gap / temperature], -1).logsumexp(-1)
+        log_ce = torch.cat([shift + log_ce[:, None], gap], -1).logsumexp(-1)
+        m_r, log_r = top, log_s
+    stats[:, S_MAX], stats[:, S_LOGS] = m_r, torch.where(log_r == NEG_INF, 0.0, log_r)
+    stats[:, S_LOGS_CE] = stats[:, S_LOGS] if temperature == 1.0 else torch.where(log_ce == NEG_INF, 0.0, log_ce)
+    return stats
+
+
+def forward_rows(z, ids, lp, labels, opts: KDOptions, tail: str, backend: str):
+    """``(rows (N,), stats (N, NUM_SPARSE_STATS), grad_k (N, K))`` of ``z`` ``(N, V)``, ``ids``/``lp`` ``(N, K)``.
+
+    ``grad_k`` and the ``S_G_REST``, ``S_S`` columns are ``G`` and ``S`` per unit row gradient (NaN on invalid
+    rows). The category divergence runs through the dense op's backend module.
+    """
+    n_rows, vocab = z.shape
+    k = ids.shape[1]
+    dtype, temperature = _compute_dtype(z), opts.temperature
+    valid = lp != NEG_INF
+    bad = invalid_rows(ids, valid, vocab)
+    use = valid & ~bad[:, None]
+    safe = torch.where(use, ids, 0)
+    stats_fn, _ = _stats_fn(backend)
+    streamed = stats_fn(z, safe, use, labels, opts, tail == "bucket").to(dtype)
+    z_k = torch.where(use, z.gather(1, safe).to(dtype), NEG_INF)
+    stats = _row_stats(streamed, z_k, temperature, tail == "bucket")
+    keep = torch.ones(n_rows, dtype=torch.bool, device=z.device) if labels is None else labels != opts.ignore_index
+    lq = (z_k - stats[:, S_MAX, None]) / temperature - stats[:, S_LOGS, None]
+    lp = torch.where(use, lp.to(dtype), NEG_INF)
+    zero = torch.zeros(n_rows, dtype=dtype, device=z.device)
+    if tail == "truncate":
+        live = use & (lq != NEG_INF)
+        p = torch.where(live, lp.exp(), 0.0)
+        div = (p * torch.where(live, lp - lq, 0.0)).sum(-1)
+        rows = torch.where(keep, opts.kd_weight * div, 0.0)
+        grad_k = -opts.kd_weight * p
+        g_rest, s_sum = zero, grad_k.sum(-1)
+    else:
+        # categories in ascending id order (AKL's tie order), padding last
+        order = torch.where(use, safe, vocab).argsort(dim=-1, stable=True)
+        student, teacher = lq.gather(1, order), lp.gather(1, order)
+        if tail == "bucket":
+            c_rest = (stats[:, S_MAX_R] - stats[:, S_MAX]) / temperature + stats[:, S_LOGS_R] - stats[:, S_LOGS]
+            student = torch.cat([student, c_rest[:, None]], dim=1)
+            # 1 - sum_K p cancels: summed in float64, a (N, K) op, so only its last rounding remains
+            t_rest = rest_log_prob(lp.to(torch.float64)).to(dtype)
+            teacher = torch.cat([teacher, t_rest[:, None]], dim=1)
+        dense = _backend_module(backend)
+        cat_opts = opts._replace(temperature=1.0, ce_weight=0.0)
+        rows, cat_stats = dense.kd_forward(student, teacher, labels, cat_opts)
+        cat_grad = dense.kd_backward(torch.ones_like(rows), student, teacher, labels, cat_stats, cat_opts)
+        grad_k = torch.empty_like(lq).scatter_(1, order, cat_grad[:, :k].to(dtype))
+        g_rest = cat_grad[:, k].to(dtype) if tail == "bucket" else zero
+        s_sum = zero
+    rows = rows.to(dtype)
+    if opts.ce_weight != 0.0:
+        label_ok = (labels >= 0) & (labels < vocab)
+        picked = z.gather(1, torch.where(label_ok, labels, 0)[:, None])[:, 0].to(dtype)
+        ce = torch.where(label_ok, stats[:, S_MAX] + stats[:, S_LOGS_CE] - picked, float("nan"))
+        rows = rows + torch.where(keep, opts.ce_weight * ce, 0.0)
+    nan = float("nan")
+    rows = torch.where(bad & keep, nan, rows)
+    stats[:, S_G_REST] = torch.where(bad, nan, g_rest)
+    stats[:, S_S] = torch.where(bad, nan, s_sum)
+    return rows, stats, torch.where(bad[:, None], nan, grad_k)
+
+
+# ------------------------------------------------------------------------------------------------ registered ops
+
+
+@torch.library.custom_op("kdkernels::sparse_forward", mutates_args=())
+def sparse_forward(
+    z: torch.Tensor,
+    ids: torch.Tensor,
+    lp: torch.Tensor,
+    labels: torch.Tensor | None,
+    params: torch.Tensor,
+    divergence: str,
+    ignore_index: int,
+    tail: str,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(rows (N,), stats (N, NUM_SPARSE_STATS), grad_k (N, K))``; see :func:`forward_rows`."""
+    return forward_rows(z, ids, lp, labels, from_op(params, divergence, ignore_index), tail, backend)
+
+
+@sparse_forward.register_fake
+def _(z, ids, lp, labels, params, divergence, ignore_index, tail, backend):
+    dtype = _compute_dtype(z)
+    n_rows = z.shape[0]
+    return (z.new_empty((n_rows,), dtype=dtype), z.new_empty((n_rows, NUM_SPARSE_STATS), dtype=dtype),
+            z.new_empty(ids.shape, dtype=dtype))
+
+
+@torch.library.custom_op("kdkernels::sparse_backward", mutates_args=())
+def sparse_backward(
+    grad_rows: torch.Tensor,
+    z: torch.Tensor,
+    ids: torch.Tensor,
+    lp: torch.Tensor,
+    labels: torch.Tensor | None,
+    stats: torch.Tensor,
+    grad_k: torch.Tensor,
+    params: torch.Tensor,
+    divergence: str,
+    ignore_index: int,
+    tail: str,
+    backend: str,
+) -> torch.Tensor:
+    """``dz`` ``(N, V)`` in ``z``'s dtype from the row-loss gradient ``grad_rows`` ``(N,)``."""
+    _, backward_fn = _stats_fn(backend)
+    opts = from_op(params, divergence, ignore_index)
+    return backward_fn(grad_rows, z, ids, lp, labels, stats, grad_k, opts, tail == "bucket")
+
+
+@sparse_backward.register_fake
+def _(grad_rows, z, ids, lp, labels, stats, grad_k, params, divergence, ignore_index, tail, backend):
+    return torch.empty_like(z, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    z, ids, lp, labels, params, divergence, ignore_index, tail, backend = inputs
+    ctx.save_for_backward(z, ids, lp, labels, output[1], output[2], params)
+    ctx.options = (divergence, ignore_index, tail, backend)
+
+
+def _backward(ctx, grad_rows, grad_stats, grad_grad_k):
+    if torch.is_grad_enabled():
+        raise RuntimeError(SECOND_DERIVATIVE)
+    z, ids, lp, labels, stats, grad_k, params = ctx.saved_tensors
+    dz = sparse_backward(grad_rows, z, ids, lp, labels, stats, grad_k, params, *ctx.options)
+    return dz, None, None, None, None, None, None, None, None
+
+
+sparse_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("kdkernels::topk_teacher", mutates_args=())
+def topk_op(t: torch.Tensor, k: int, temperature: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids (N, k) int64, lp (N, k) float32)`` of teacher logits ``t`` ``(N, V)``."""
+    if backend == "triton":
+        from kdkernels.kernels import sparse as kernels
+
+        if k <= kernels.TOPK_KERNEL_MAX_K:
+            return kernels.topk(t, k, temperature)
+    return torch_topk(t, k, temperature)
+
+
+@topk_op.register_fake
+def _(t, k, temperature, backend):
+    return t.new_empty((t.shape[0], k), dtype=torch.int64), t.new_empty((t.shape[0], k), dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------ public API
+
+
+def check_sparse_teacher(student: torch.Tensor, teacher_indices: object, teacher_logprobs: object) -> None:
+    """``teacher_indices`` ``(..., K)`` int32/int64 and ``teacher_logprobs`` ``(..., K)`` float, ``K >= 1``, with the
+    student's leading shape and device; the log-probs a constant."""
+    if not isinstance(teacher_indices, torch.Tensor):
+        raise TypeError(f"teacher_indices must be a torch.Tensor, got {type(teacher_indices).__name__}")
+    if teacher_indices.dtype not in INDEX_DTYPES:
+        raise TypeError(f"teacher_indices must be int32 or int64, got {teacher_indices.dtype}")
+    lead = tuple(student.shape[:-1])
+    if teacher_indices.dim() < 1 or tuple(teacher_indices.shape[:-1]) != lead or teacher_indices.shape[-1] < 1:
+        raise ValueError(f"teacher_indices must have shape (..., K) with K >= 1 and the leading shape {lead} of the "
+                         f"student, got {tuple(teacher_indices.shape)}")
+    validate.check_logits("teacher_logprobs", teacher_logprobs)
+    if teacher_logprobs.shape != teacher_indices.shape:
+        raise ValueError(f"teacher_logprobs shape {tuple(teacher_logprobs.shape)} must match teacher_indices shape "
+                         f"{tuple(teacher_indices.shape)}")
+    for name, x in (("teacher_indices", teacher_indices), ("teacher_logprobs", teacher_logprobs)):
+        if x.device != student.device:
+            raise ValueError(f"{name} is on {x.device} but the student is on {student.device}")
+    if teacher_logprobs.requires_grad:
+        raise ValueError("teacher_logprobs requires grad; the teacher is a constant target: pass .detach()")
+
+
+def check_tail(tail: object, divergence: str) -> None:
+    validate.check_choice("tail", tail, TAILS)
+    if tail == "truncate" and divergence != "fkl":
+        raise ValueError(f"tail='truncate' is defined for divergence='fkl' only, got {divergence!r}")
+
+
+def sparse_rows(z, ids, lp, labels, opts: KDOptions, tail: str, backend: str) -> torch.Tensor:
+    """Row losses ``(N,)`` through the registered op, on flat checked inputs (``z`` ``(N, V)``, ``ids``/``lp``
+    ``(N, K)``, ``labels`` ``(N,)`` or None); differentiable w.r.t. ``z``."""
+    z = z if z.stride(-1) == 1 else z.contiguous()
+    rows, _, _ = sparse_forward(z, ids.to(torch.int64).contiguous(), lp.contiguous(), labels, *op_args(opts), tail,
+                                backend)
+    return rows
+
+
+def sparse_kd_loss(
+    student_logits: torch.Tensor,
+    teacher_indices: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    divergence: str = "fkl",
+    *,
+    tail: str = "bucket",
+    labels: torch.Tensor | None = None,
+    backend: str = "auto",
+    **options: object,
+) -> torch.Tensor:
+    """Distillation loss against a sparse (top-k) teacher: ``K`` ids and their log-probs per token (SPEC §7).
+
+    Args:
+        student_logits: ``(..., V)`` float32/bfloat16/float16 (float64 on the torch/reference backends).
+        teacher_indices: ``(..., K)`` int32/int64 vocabulary ids, ``K >= 1``; the valid ids of a row must be
+            distinct and in ``[0, V)``, otherwise the row's loss and gradient are NaN (no error: no host sync).
+        teacher_logprobs: ``(..., K)`` float, ``log p`` of the target at those ids, **as given** (the teacher's
+            temperature is whatever produced them); ``-inf`` marks padding (its id is ignored). A constant.
+        divergence: any of :func:`kdkernels.kd_loss`'s, evaluated on categories (see ``tail``).
+        tail: ``"bucket"`` (default): the K entries plus one rest category, ``p_rest = max(0, 1 - sum_K p)``,
+            ``q_rest = sum_{j not in K} q_j``; every student entry gets a gradient. ``"renormalize"``: the K entries
+            only, both distributions renormalised; zero gradient outside K. ``"truncate"`` (fkl only):
+            ``sum_K p (lp - lq)`` with the full-vocabulary ``lq``: not a divergence, it can be negative.
+            The teacher's category probabilities are the softmax of its category log-probs, i.e. the given ones
+            whenever they sum to at most 1 (bucket), renormalised otherwise.
+        labels, backend, **options: as in :func:`kdkernels.kd_loss`. ``temperature`` divides the student's logits
+            only; no ``T**2`` factor. The CE term (``ce_weight``) is the cross-entropy of the raw student logits.
+
+    Returns the float32 loss (``(...)`` for ``reduction="none"``); the gradient has the student's dtype.
+
+    Example::
+
+        ids, lp = kd.topk_teacher(teacher_logits, 64)              # or read from a dump
+        loss = kd.sparse_kd_loss(student_logits, ids, lp, "fkl", temperature=1.0)
+    """
+    validate.check_logits("student_logits", student_logits)
+    check_sparse_teacher(student_logits, teacher_indices, teacher_logprobs)
+    opts = loss_options(divergence, **options)
+    check_tail(tail, opts.divergence)
+    validate.check_labels(labels, student_logits)
+    validate.check_ce(opts.ce_weight, labels)
+    backend = validate.resolve_backend(backend, student_logits, student_logits)
+    if backend == "reference":
+        kwargs = opts._asdict()
+        del kwargs["divergence"]
+        return sparse_kd_loss_reference(student_logits, teacher_indices, teacher_logprobs, divergence, tail=tail,
+                                        labels=labels, **kwargs)
+    vocab, k = student_logits.shape[-1], teacher_indices.shape[-1]
+    flat_labels = None if labels is None else labels.reshape(-1).to(torch.int64).contiguous()
+    rows = sparse_rows(student_logits.reshape(-1, vocab), teacher_indices.reshape(-1, k),
+                       teacher_logprobs.reshape(-1, k), flat_labels, opts, tail, backend)
+    return reduce_rows(rows, flat_labels, opts.ignore_index, opts.reduction, student_logits.shape[:-1])
+
+
+def _check_k(k: object, vocab: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if not 1 <= k <= vocab:
+        raise ValueError(f"k must be in [1, V] = [1, {vocab}], got {k}")
+
+
+def topk_teacher(teacher_logits: torch.Tensor, k: int, *, temperature: float = 1.0,
+                 backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest entries of ``log_softmax(teacher_logits / T)`` per row, and their ids (SPEC §7).
+
+    Args:
+        teacher_logits: ``(..., V)`` float32/bfloat16/float16 (float64 on CPU); not differentiated.
+        k: ``1 <= k <= V``.
+        temperature: ``T > 0``; the returned log-probs are those of ``softmax(t / T)``.
+        backend: ``"auto"`` (Triton on CUDA, torch on CPU), ``"triton"`` or ``"torch"``.
+
+    Returns ``(ids, logprobs)``, ``(..., k)`` int64 and float32, in descending order; equal values in ascending
+    id order. The Triton kernel streams each row once with a running top-k (``k <= 256``; larger ``k`` runs the
+    torch path, ``topk`` of int64 order keys a chunk of rows at a time); neither makes an ``(N, V)`` float32 copy.
+    """
+    validate.check_logits("teacher_logits", teacher_logits)
+    vocab = teacher_logits.shape[-1]
+    _check_k(k, vocab)
+    temperature = validate.check_number("temperature", temperature, low=0.0)
+    validate.check_choice("backend", backend, ("auto", "triton", "torch"))
+    backend = validate.resolve_backend(backend, teacher_logits, teacher_logits)
+    t = teacher_logits.detach().reshape(-1, vocab)
+    t = t if t.stride(-1) == 1 else t.contiguous()
+    ids, lp = topk_op(t, k, temperature, backend)
+    lead = teacher_logits.shape[:-1]
+    return ids.reshape(*lead, k), lp.reshape(*lead, k)
+
+
+@torch.no_grad()
+def topk_teacher_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, k: int, *,
+                             bias: torch.Tensor | None = None, temperature: float = 1.0,
+                             chunk_size: int | None = None,
+                             backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`topk_teacher` of ``hidden @ weight.T + bias``, ``chunk_size`` tokens at a time: a dump of a teacher's
+    top-k never holds its full ``(N, V)`` logits.
+
+    Args:
+        hidden: ``(..., H)`` last hidden states; ``weight`` ``(V, H)`` and ``bias`` ``(V,)`` the output layer.
+        k, temperature, backend: as in :func:`topk_teacher`.
+        chunk_size: tokens per chunk; default as :func:`kdkernels.fused_linear_kd_loss` chooses it.
+    """
+    from kdkernels.torch_ops.fused_linear import _check_hidden, _check_weight, auto_chunk_size
+
+    _check_weight("weight", weight, "bias", bias)
+    _check_hidden("hidden", hidden, "weight", weight)
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+    vocab = weight.shape[0]
+    _check_k(k, vocab)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    step = chunk_size or auto_chunk_size(vocab, weight.shape[1])
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    ids = torch.empty((flat.shape[0], k), dtype=torch.int64, device=hidden.device)
+    lp = torch.empty((flat.shape[0], k), dtype=torch.float32, device=hidden.device)
+    for lo in range(0, flat.shape[0], step):
+        part = slice(lo, lo + step)
+        ids[part], lp[part] = topk_teacher(F.linear(flat[part], weight, bias), k, temperature=temperature,
+                                           backend=backend)
+    lead = hidden.shape[:-1]
+    return ids.reshape(*lead, k), lp.reshape(*lead, k)
