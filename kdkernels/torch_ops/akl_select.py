@@ -8,7 +8,13 @@ so far, and takes the bucket where the cumulative mass crosses ``alpha``; after 
 key is known. An entry is tail if its key is below the cut, or equal to it and ``below + rank * p <= alpha``
 (``rank``: its 1-based position among equal keys in index order, ``below``: the mass of smaller keys), exactly
 the stable-sort rule of SPEC §2. Everything is int32 (the scatter index aside): half the memory traffic of
-int64 keys, and twice the lanes per vector instruction.
+int64 keys, and twice the lanes per vector instruction (float64 teachers, keyed only on the vocabulary-parallel
+path, take int64 keys and 8 levels).
+
+Vocabulary-parallel rows (SPEC §8): with a ``reducer`` (``vocab_parallel.GroupReducer``), each rank holds a slice of
+every row; the per-level histograms ``(rows, 256)`` are summed over the group before the bucket is picked, so
+every rank finds the same cut, and an entry's tie rank counts the equal keys of the lower ranks (whose slices hold
+the lower indices) first.
 """
 
 from __future__ import annotations
@@ -17,28 +23,33 @@ import torch
 
 from kdkernels.torch_ops.reference import akl_weights, head_tail_weights
 
-_KEY_BITS = {torch.bfloat16: 16, torch.float16: 16, torch.float32: 32}
-_INT_VIEW = {16: torch.int16, 32: torch.int32}
+_KEY_BITS = {torch.bfloat16: 16, torch.float16: 16, torch.float32: 32, torch.float64: 64}
+_INT_VIEW = {16: torch.int16, 32: torch.int32, 64: torch.int64}
 
 
 def order_keys(t: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Signed int32 keys ``s`` of ``t``'s bits whose order is the order of its values, and their width in bits.
+    """Signed int32 keys ``s`` of ``t``'s bits (int64 for float64) whose order is the order of its values, and
+    their width in bits.
 
     ``s = b`` for ``b >= 0`` and ``b`` with its ``bits - 1`` low bits flipped for ``b < 0`` (``b``: the bits as a
     signed integer); zeros of either sign get key 0.
     """
     bits = _KEY_BITS[t.dtype]
-    raw = t.view(_INT_VIEW[bits]).to(torch.int32)
+    raw = t.view(_INT_VIEW[bits]).to(torch.int64 if bits == 64 else torch.int32)
     key = raw ^ ((raw >> (bits - 1)) & ((1 << (bits - 1)) - 1))
     return torch.where(t == 0, 0, key), bits
 
 
-def _pick_bucket(digit: torch.Tensor, mass: torch.Tensor, below: torch.Tensor, alpha: float):
-    """One level: the bucket ``(rows, 1)`` (int32) of ``digit`` ``(rows, V)`` where the cumulative ``mass``, after
-    the ``below`` ``(rows, 1)`` of the smaller keys, crosses ``alpha``; and the mass below that bucket."""
+def _pick_bucket(digit: torch.Tensor, mass: torch.Tensor, below: torch.Tensor, alpha: float, reducer=None):
+    """One level: the bucket ``(rows, 1)`` (``digit``'s dtype) of ``digit`` ``(rows, V)`` where the cumulative
+    ``mass``, after the ``below`` ``(rows, 1)`` of the smaller keys, crosses ``alpha``; and the mass below that
+    bucket. With a ``reducer`` the histogram ``(rows, 256)`` is summed over its group first."""
     hist = torch.zeros(digit.shape[0], 256, dtype=mass.dtype, device=mass.device)
-    cum = below + hist.scatter_add_(1, digit.long(), mass).cumsum(1)
-    bucket = (cum <= alpha).sum(1, keepdim=True, dtype=torch.int32).clamp(max=255)
+    hist.scatter_add_(1, digit.long(), mass)
+    if reducer is not None:
+        reducer.sum_(hist)
+    cum = below + hist.cumsum(1)
+    bucket = (cum <= alpha).sum(1, keepdim=True, dtype=digit.dtype).clamp(max=255)
     buckets = torch.arange(256, device=mass.device)
     return bucket, torch.where(buckets < bucket, cum, below).amax(1, keepdim=True)
 
@@ -46,21 +57,32 @@ def _pick_bucket(digit: torch.Tensor, mass: torch.Tensor, below: torch.Tensor, a
 def akl_weights_select(t: torch.Tensor, p: torch.Tensor, q: torch.Tensor, alpha: float):
     """``(r_h, r_t)``, each ``(rows,)``, from teacher logits ``t`` and probabilities ``p``, ``q`` ``(rows, V)``.
 
+    Float64 teachers go to the reference's sort (gradcheck's inputs); the others to :func:`akl_tail_select`.
+    """
+    if t.dtype == torch.float64:
+        return akl_weights(p, q, alpha)
+    return head_tail_weights(akl_tail_select(t, p, alpha), p, q)
+
+
+def akl_tail_select(t: torch.Tensor, p: torch.Tensor, alpha: float, reducer=None) -> torch.Tensor:
+    """AKL's tail ``(rows, V)`` bool of teacher logits ``t`` and probabilities ``p`` ``(rows, V)``, by radix select.
+
     The levels read the digits of the unsigned key ``s + 2**(bits - 1)`` from the top: ``(s >> (bits - 8)) + 128``,
     then ``(s >> shift) & 255``; ``prefix`` holds ``s_cut >> shift`` (an arithmetic shift), the cut's digits found
-    so far. Float64 teachers (64-bit keys) go to the reference's sort.
+    so far. With a ``reducer`` (vocabulary-parallel rows, see the module docstring) ``t`` and ``p`` are this rank's
+    slice, the histograms are summed over the group, and ``rank`` is offset by ``reducer.count_before`` of this
+    slice's count of keys equal to the cut.
     """
-    if t.dtype not in _KEY_BITS:
-        return akl_weights(p, q, alpha)
     key, bits = order_keys(t)
     below = torch.zeros(t.shape[0], 1, dtype=p.dtype, device=t.device)
-    bucket, below = _pick_bucket((key >> (bits - 8)) + 128, p, below, alpha)
+    bucket, below = _pick_bucket((key >> (bits - 8)) + 128, p, below, alpha, reducer)
     prefix = bucket - 128
     for shift in range(bits - 16, -1, -8):
         mass = torch.where((key >> (shift + 8)) == prefix, p, 0.0)
-        bucket, below = _pick_bucket((key >> shift) & 255, mass, below, alpha)
+        bucket, below = _pick_bucket((key >> shift) & 255, mass, below, alpha, reducer)
         prefix = prefix * 256 + bucket
     at_cut = key == prefix
     rank = at_cut.cumsum(1, dtype=torch.int32)
-    tail = (key < prefix) | (at_cut & (below + rank * p <= alpha))
-    return head_tail_weights(tail, p, q)
+    if reducer is not None:
+        rank = rank + reducer.count_before(at_cut.sum(1, dtype=torch.int32))[:, None]
+    return (key < prefix) | (at_cut & (below + rank * p <= alpha))

@@ -38,6 +38,7 @@ def kd_loss(
     *,
     labels: torch.Tensor | None = None,
     backend: str = "auto",
+    process_group: object = None,
     **options: object,
 ) -> torch.Tensor:
     """Distillation loss between student and teacher logits, fused over the vocabulary.
@@ -49,6 +50,11 @@ def kd_loss(
             ``"sfkl"`` / ``"srkl"`` skewed KLs, ``"jsd"`` generalized Jensen-Shannon, ``"tvd"`` total variation.
         labels: optional ``(...)`` integer tensor; rows equal to ``ignore_index`` count 0 and get no gradient.
         backend: ``"auto"`` (Triton on CUDA, torch on CPU), ``"triton"``, ``"torch"`` or ``"reference"``.
+        process_group: ``None`` (the logits hold the whole vocabulary), or a ``torch.distributed`` process group
+            over whose ranks the vocabulary is split (SPEC §8): the logits are then this rank's slice ``(..., V_r)``
+            of ids ``[offset_r, offset_r + V_r)``, in rank order, ``labels`` are global ids (the same on every
+            rank), every rank returns the loss of the unsharded logits and the gradient of its slice; ranks
+            all-reduce per-row statistics only (``vocab_parallel.py``). Not the reference backend.
         **options: the fields of :class:`~kdkernels.KDOptions` (``temperature=1.0``, ``reduction="mean"``,
             ``ignore_index=-100``, ``akl_alpha=0.5``, ``todi_beta=1.0``, ``skew_lambda=0.1``, ``jsd_beta=0.5``,
             ``kd_weight=1.0``, ``ce_weight=0.0``). ``temperature`` divides both logits; no ``T**2`` factor is
@@ -70,12 +76,17 @@ def kd_loss(
     validate.check_labels(labels, student_logits)
     validate.check_ce(opts.ce_weight, labels)
     backend = validate.resolve_backend(backend, student_logits, teacher_logits)
-    return loss_with_options(student_logits, teacher_logits, labels, opts, backend)
+    return loss_with_options(student_logits, teacher_logits, labels, opts, backend, process_group)
 
 
 def loss_with_options(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None,
-                      opts: KDOptions, backend: str) -> torch.Tensor:
-    """:func:`kd_loss` on checked arguments and a resolved backend."""
+                      opts: KDOptions, backend: str, process_group: object = None) -> torch.Tensor:
+    """:func:`kd_loss` on checked arguments and a resolved backend (its ``process_group`` not yet checked)."""
+    if process_group is not None:
+        from kdkernels.torch_ops import vocab_parallel  # imported on first use, as the group's collectives
+
+        vocab_parallel.check_group(process_group, backend)
+        return vocab_parallel.vocab_parallel_loss(student_logits, teacher_logits, labels, opts, backend, process_group)
     if backend == "reference":
         return kd_loss_reference(student_logits, teacher_logits, labels=labels, **opts._asdict())
     vocab = student_logits.shape[-1]

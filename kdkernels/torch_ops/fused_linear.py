@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from kdkernels.torch_ops import validate
 from kdkernels.torch_ops.functional import reduce_rows
 from kdkernels.torch_ops.op import kd_backward, kd_forward
-from kdkernels.torch_ops.options import loss_options, op_args
+from kdkernels.torch_ops.options import from_op, loss_options, op_args
 from kdkernels.torch_ops.sparse import check_sparse_teacher, check_tail, sparse_backward, sparse_forward
 
 FUSED_BACKENDS = ("auto", "torch", "triton")
@@ -69,6 +69,9 @@ def _sweep(student, teacher, labels, opts, row_grad, needs):
     flat_options = (*op_args(opts["loss"]), opts["backend"])
     sparse_options = (*flat_options[:-1], opts["tail"], opts["backend"])
     step = opts["chunk_size"]
+    parallel = opts["parallel"]  # (KDOptions, Shard, GroupReducer) of vocabulary-parallel slices, or None
+    if parallel is not None:
+        from kdkernels.torch_ops import vocab_parallel  # loaded already: fused_linear_kd_loss made the Shard
     for lo in range(0, n_rows, step):
         part = slice(lo, lo + step)
         z = F.linear(h[part], weight, bias)
@@ -76,12 +79,18 @@ def _sweep(student, teacher, labels, opts, row_grad, needs):
         if t_ids is None:
             t = F.linear(g[part], t_weight, t_bias) if t_logits is None else t_logits[part]
             t = t if t.stride(-1) == 1 else t.contiguous()
-            rows[part], stats = kd_forward(z, t, lab, *flat_options)
+            if parallel is None:
+                rows[part], stats = kd_forward(z, t, lab, *flat_options)
+            else:
+                rows[part], stats = vocab_parallel.forward(z, t, lab, *parallel)
         else:
             rows[part], stats, grad_k = sparse_forward(z, t_ids[part], t_lp[part], lab, *sparse_options)
         if row_grad is None:
             continue
-        if t_ids is None:
+        if parallel is not None:
+            dz = vocab_parallel.backward(row_grad[part], z, t, lab, stats, *parallel[:2], opts["backend"])
+            del t
+        elif t_ids is None:
             dz = kd_backward(row_grad[part], z, t, lab, stats, *flat_options)
             del t
         else:
@@ -97,6 +106,8 @@ def _sweep(student, teacher, labels, opts, row_grad, needs):
         if db is not None:
             db += dz.sum(0, dtype=acc)
         del dz
+    if dh is not None and parallel is not None:
+        parallel[2].sum_(dh)  # each slice's part of the replicated hidden states' gradient
     grads = None
     if row_grad is not None:
         grads = (dh, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(bias.dtype))
@@ -227,6 +238,26 @@ def _check_inputs(h, w, b, g, u, c, t_logits, t_ids=None, t_lp=None) -> torch.Te
     return t_logits if t_logits is not None else (h if t_ids is not None else g)
 
 
+def _vocab_parallel(process_group, backend, h, vocab, hidden, chunk_size, hidden_grad, labels, loss_opts, vocab_size,
+                    teacher_indices):
+    """``(KDOptions, Shard, GroupReducer)`` of this rank's output rows (``process_group`` of
+    :func:`fused_linear_kd_loss`), after checks that the ranks agree on the rows, hidden size, chunks and
+    whether the hidden states take a gradient (their gradient is all-reduced)."""
+    from kdkernels.torch_ops import vocab_parallel  # imported on first use, as the group's collectives
+
+    vocab_parallel.check_group(process_group, backend)
+    if vocab_size is not None:
+        raise ValueError("vocab_size does not combine with process_group: pass each rank's rows of the heads")
+    if teacher_indices is not None:
+        raise ValueError("process_group takes a dense teacher (teacher_hidden and teacher_weight, or teacher_logits)")
+    reducer = vocab_parallel.GroupReducer(process_group)
+    rows = h.numel() // h.shape[-1]
+    shard = vocab_parallel.shard_layout(reducer, rows, vocab, h.device, loss_opts.divergence, labels is not None,
+                                        hidden_size=hidden, chunk_size=chunk_size or 0,
+                                        student_hidden_requires_grad=hidden_grad)
+    return from_op(*op_args(loss_opts)), shard, reducer
+
+
 def fused_linear_kd_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -244,6 +275,7 @@ def fused_linear_kd_loss(
     backend: str = "auto",
     chunk_size: int | None = None,
     vocab_size: int | None = None,
+    process_group: object = None,
     **options: object,
 ) -> torch.Tensor:
     """``kd_loss(student_hidden @ student_weight.T + student_bias, teacher logits, ...)`` without full logits.
@@ -265,6 +297,15 @@ def fused_linear_kd_loss(
         vocab_size: use only the first ``vocab_size`` rows of both weights and biases (columns of
             ``teacher_logits``), as views, no copies: for heads padded to different sizes over one tokenizer
             (Qwen2.5: 151936 and 152064 rows). Labels must be below it. Default: all rows (they must match).
+        process_group: ``None``, or a ``torch.distributed`` process group over whose ranks the output layers are
+            split by vocabulary (SPEC §8, as Megatron's column-parallel output layer): ``student_weight``,
+            ``student_bias``, ``teacher_weight``, ``teacher_bias`` are this rank's rows ``[offset_r, offset_r +
+            V_r)`` (``teacher_logits`` its columns), in rank order, while ``student_hidden`` and
+            ``teacher_hidden`` are the same on every rank (replicated); labels are global ids. Every rank returns
+            the loss of the whole vocabulary and the gradients of its rows; the gradient of ``student_hidden`` is
+            already **summed over the group** (one all-reduce of ``N x H_s`` numbers where the gradients are made),
+            so pass the hidden states as they are, not through Megatron's ``copy_to_tensor_model_parallel_region``
+            (whose backward sums them again). Dense teachers only; not with ``vocab_size``.
 
     Returns the float32 loss. Memory beyond inputs and gradients is a few ``(chunk_size, V)`` buffers.
     The gradients are made during the forward and handed to the first backward; a second backward through
@@ -296,15 +337,21 @@ def fused_linear_kd_loss(
     vocab, lead = w.shape[0], h.shape[:-1]
     hidden = max(w.shape[1], 0 if u is None else u.shape[1])
     wide = torch.float64 in (h.dtype, teacher_ref.dtype)
+    grad_on = torch.is_grad_enabled()
+    needs = tuple(grad_on and x is not None and x.requires_grad for x in (h, w, b))
+    parallel = None
+    if process_group is not None:
+        parallel = _vocab_parallel(process_group, backend, h, vocab, hidden, chunk_size, needs[0], labels, loss_opts,
+                                   vocab_size, teacher_indices)
+        vocab = parallel[1].widest  # the chunks are cut alike on every rank
     opts = {
         "loss": loss_opts,
         "backend": backend,
         "tail": tail,
         "chunk_size": chunk_size or auto_chunk_size(vocab, hidden),
         "result_dtype": torch.float64 if wide else torch.float32,
+        "parallel": parallel,
     }
-    grad_on = torch.is_grad_enabled()
-    needs = tuple(grad_on and x is not None and x.requires_grad for x in (h, w, b))
     flat = [None if x is None else x.reshape(-1, x.shape[-1]) for x in (h, g, t_logits)]
     t_ids, t_lp = [None if x is None else x.reshape(-1, x.shape[-1]).contiguous()
                    for x in (teacher_indices, teacher_logprobs)]
@@ -328,6 +375,7 @@ class FusedLinearKDLoss(torch.nn.Module):
         chunk_size: int | None = None,
         vocab_size: int | None = None,
         tail: str = "bucket",
+        process_group: object = None,
         **options: object,
     ):
         super().__init__()
@@ -335,7 +383,8 @@ class FusedLinearKDLoss(torch.nn.Module):
         validate.check_choice("backend", backend, FUSED_BACKENDS)
         check_tail(tail, opts.divergence)
         self.divergence = divergence
-        self.options = dict(opts._asdict(), backend=backend, chunk_size=chunk_size, vocab_size=vocab_size, tail=tail)
+        self.options = dict(opts._asdict(), backend=backend, chunk_size=chunk_size, vocab_size=vocab_size, tail=tail,
+                            process_group=process_group)
         del self.options["divergence"]
 
     def forward(

@@ -1,7 +1,7 @@
 """Codes and per-row statistics shared by the Triton and torch backends (no triton import here).
 
 The forward of every backend returns ``stats``, a float32 ``(N, NUM_STATS)`` tensor: the few numbers
-per row that the backward needs (and that a vocabulary-parallel version would all-reduce between
+per row that the backward needs (and that the vocabulary-parallel path, ``vocab_parallel.py``, all-reduces between
 passes). Columns:
 
 - ``MAX_Z``, ``LOGS_Z``, ``MAX_T``, ``LOGS_T``: the row maximum of the raw logits and the

@@ -65,8 +65,12 @@ def head_tail_weights(tail: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> t
     """``r_h = g_head / (g_head + g_tail)`` and ``r_t``, with ``g = sum |p - q|`` over each part of the
     ``(N, V)`` split ``tail``; 0.5/0.5 when both sums are 0."""
     gap = (p - q).abs()
-    g_tail = torch.where(tail, gap, 0.0).sum(-1)
-    g_head = torch.where(tail, 0.0, gap).sum(-1)
+    return head_tail_ratios(torch.where(tail, 0.0, gap).sum(-1), torch.where(tail, gap, 0.0).sum(-1))
+
+
+def head_tail_ratios(g_head: torch.Tensor, g_tail: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(g_head / (g_head + g_tail), g_tail / (g_head + g_tail))`` of the gap sums ``(N,)``; 0.5/0.5 where both
+    are 0 (student equals teacher)."""
     total = g_head + g_tail
     safe = torch.where(total > 0, total, 1.0)
     return torch.where(total > 0, g_head / safe, 0.5), torch.where(total > 0, g_tail / safe, 0.5)

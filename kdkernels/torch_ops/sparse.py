@@ -187,22 +187,32 @@ def _row_stats(streamed: torch.Tensor, z_k: torch.Tensor, temperature: float, re
     return stats
 
 
-def forward_rows(z, ids, lp, labels, opts: KDOptions, tail: str, backend: str):
+def forward_rows(z, ids, lp, labels, opts: KDOptions, tail: str, backend: str, parallel=None):
     """``(rows (N,), stats (N, NUM_SPARSE_STATS), grad_k (N, K))`` of ``z`` ``(N, V)``, ``ids``/``lp`` ``(N, K)``.
 
     ``grad_k`` and the ``S_G_REST``, ``S_S`` columns are ``G`` and ``S`` per unit row gradient (NaN on invalid
-    rows). The category divergence runs through the dense op's backend module.
+    rows). The category divergence runs through the dense op's backend module. ``parallel``: ``(Shard,
+    GroupReducer)`` when ``z`` is this rank's vocabulary slice (SPEC §8, ``vocab_parallel.sparse_stats``); the
+    ids are global, and the category op, the same on every rank, runs on every rank.
     """
     n_rows, vocab = z.shape
+    if parallel is not None:
+        vocab = parallel[0].vocab
     k = ids.shape[1]
     dtype, temperature = _compute_dtype(z), opts.temperature
     valid = lp != NEG_INF
     bad = invalid_rows(ids, valid, vocab)
     use = valid & ~bad[:, None]
     safe = torch.where(use, ids, 0)
-    stats_fn, _ = _stats_fn(backend)
-    streamed = stats_fn(z, safe, use, labels, opts, tail == "bucket").to(dtype)
-    z_k = torch.where(use, z.gather(1, safe).to(dtype), NEG_INF)
+    if parallel is None:
+        stats_fn, _ = _stats_fn(backend)
+        streamed = stats_fn(z, safe, use, labels, opts, tail == "bucket").to(dtype)
+        z_k = torch.where(use, z.gather(1, safe).to(dtype), NEG_INF)
+    else:
+        from kdkernels.torch_ops import vocab_parallel  # loaded already: the caller made the Shard
+
+        streamed, z_k, label_logit = vocab_parallel.sparse_stats(z, safe, use, labels, opts, tail == "bucket",
+                                                                 *parallel)
     stats = _row_stats(streamed, z_k, temperature, tail == "bucket")
     keep = torch.ones(n_rows, dtype=torch.bool, device=z.device) if labels is None else labels != opts.ignore_index
     lq = (z_k - stats[:, S_MAX, None]) / temperature - stats[:, S_LOGS, None]
@@ -235,7 +245,10 @@ def forward_rows(z, ids, lp, labels, opts: KDOptions, tail: str, backend: str):
     rows = rows.to(dtype)
     if opts.ce_weight != 0.0:
         label_ok = (labels >= 0) & (labels < vocab)
-        picked = z.gather(1, torch.where(label_ok, labels, 0)[:, None])[:, 0].to(dtype)
+        if parallel is None:
+            picked = z.gather(1, torch.where(label_ok, labels, 0)[:, None])[:, 0].to(dtype)
+        else:
+            picked = label_logit
         ce = torch.where(label_ok, stats[:, S_MAX] + stats[:, S_LOGS_CE] - picked, float("nan"))
         rows = rows + torch.where(keep, opts.ce_weight * ce, 0.0)
     nan = float("nan")
@@ -380,6 +393,7 @@ def sparse_kd_loss(
     tail: str = "bucket",
     labels: torch.Tensor | None = None,
     backend: str = "auto",
+    process_group: object = None,
     **options: object,
 ) -> torch.Tensor:
     """Distillation loss against a sparse (top-k) teacher: ``K`` ids and their log-probs per token (SPEC §7).
@@ -399,6 +413,10 @@ def sparse_kd_loss(
             whenever they sum to at most 1 (bucket), renormalised otherwise.
         labels, backend, **options: as in :func:`kdkernels.kd_loss`. ``temperature`` divides the student's logits
             only; no ``T**2`` factor. The CE term (``ce_weight``) is the cross-entropy of the raw student logits.
+        process_group: ``None``, or the ``torch.distributed`` group over which the student's vocabulary is split
+            (SPEC §8, as in :func:`kdkernels.kd_loss`): ``student_logits`` is this rank's slice ``(..., V_r)``;
+            ``teacher_indices``, ``teacher_logprobs`` and ``labels`` are the same on every rank, with global ids
+            (each rank handles the ids in its slice). Every rank returns the unsharded loss.
 
     Returns the float32 loss (``(...)`` for ``reduction="none"``); the gradient has the student's dtype.
 
@@ -414,6 +432,12 @@ def sparse_kd_loss(
     validate.check_labels(labels, student_logits)
     validate.check_ce(opts.ce_weight, labels)
     backend = validate.resolve_backend(backend, student_logits, student_logits)
+    if process_group is not None:
+        from kdkernels.torch_ops import vocab_parallel  # imported on first use, as the group's collectives
+
+        vocab_parallel.check_group(process_group, backend)
+        return vocab_parallel.vocab_parallel_sparse_loss(student_logits, teacher_indices, teacher_logprobs, labels,
+                                                         opts, tail, backend, process_group)
     if backend == "reference":
         kwargs = opts._asdict()
         del kwargs["divergence"]
