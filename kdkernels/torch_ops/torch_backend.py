@@ -143,11 +143,14 @@ def _baseline_terms(lq, lp, q, p, live, opts: KDOptions, with_loss: bool):
     lq, lp = torch.where(live, lq, 0.0), torch.where(live, lp, 0.0)
     terms = None
     if divergence == "sfkl":
+        # M / p = l + (1 - l) exp(lq - lp) >= l: one exp, a log and a division, where the log-space ratios cost
+        # three transcendental functions. The exponent is capped at 80 (exp(80) is finite in float32): past it
+        # p < q exp(-80) <= exp(-80), so the cap moves p log(p / M) by less than p (d - 80) ~ 1e-33.
         lam = opts.skew_lambda
-        log_ratio, _ = _mixture_log_ratios(lp, lq, lam, 1.0 - lam)
-        g = -(1.0 - lam) * log_ratio.exp()
+        mix = lam + (1.0 - lam) * (lq - lp).clamp(max=80.0).exp()
+        g = -(1.0 - lam) / mix
         if with_loss:
-            terms = p * log_ratio
+            terms = -p * mix.log()
     elif divergence == "srkl":
         lam = opts.skew_lambda
         _, log_ratio = _mixture_log_ratios(lp, lq, 1.0 - lam, lam)
