@@ -1,8 +1,9 @@
 """python -m bench: time, peak memory and error of kdkernels against eager PyTorch (and torch.compile).
 
-The default is a quick comparison of kdkernels with the eager PyTorch reference on a small shape (about two
-minutes on 2 CPU cores, most of it compiling kdkernels' chunk functions on their first call). --full is the
-full comparison, with torch.compile of the reference (and Liger on CUDA), on the shape of bench/RESULTS.md.
+The default is a quick comparison of kdkernels with the eager PyTorch reference on a small shape for fkl, rkl,
+akl and todi (under a minute on 2 CPU cores, most of it compiling kdkernels' chunk functions on their first
+call). --full is the full comparison of all eight divergences, with torch.compile of the reference (and Liger on
+CUDA), on the shape of bench/RESULTS.md.
 List options are comma-separated (--divergence fkl,rkl), as in bench.fused_linear.
 """
 

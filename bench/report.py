@@ -30,7 +30,8 @@ COLUMNS = [  # (key, header, format)
 ]
 # What each column means, printed under the table (keyed like COLUMNS).
 DESCRIPTIONS = {
-    "divergence": "the loss (fkl forward KL, rkl reverse KL, akl adaptive KL, todi token-wise)",
+    "divergence": "the loss (fkl forward KL, rkl reverse KL, akl adaptive KL, todi token-wise, sfkl/srkl skewed "
+                  "KLs, jsd generalized JSD, tvd total variation)",
     "provider": "kdkernels = kd.kd_loss (backend auto), eager = the plain PyTorch reference, compile = "
                 "torch.compile of it, liger = Liger-Kernel's JSD (fkl/rkl, CUDA)",
     "n": "rows (tokens)",

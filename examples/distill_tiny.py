@@ -11,8 +11,8 @@
    to the system's temporary directory unless ``--out`` names a path (``--out examples/distill_tiny.png``
    regenerates the README's figure).
 
-Run ``python examples/distill_tiny.py`` (about 20 s: 22-23 s measured, imports included, on this project's
-two-core CPU machine while other jobs shared it); ``--help`` lists the settings and their defaults.
+Run ``python examples/distill_tiny.py`` (about 30 s: 29 s measured, imports included, on this project's quiet
+two-core CPU machine); ``--help`` lists the settings and their defaults.
 """
 
 from __future__ import annotations
