@@ -15,8 +15,9 @@ from kdkernels.torch_ops import layout
 from kdkernels.torch_ops.op import kd_forward
 from kdkernels.torch_ops.options import KDOptions, op_args
 from kdkernels.torch_ops.reference import DIVERGENCES, akl_weights, log_probs
+from kdkernels.torch_ops.sparse_reference import sparse_kd_loss_reference, topk_teacher_reference
 from tests.test_matrix import make_batch
-from tests.utils import TOLERANCE, reference_loss_and_grad, rel_err
+from tests.utils import TOLERANCE, loss_and_grad, reference_loss_and_grad, rel_err
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
@@ -91,3 +92,24 @@ def test_fused_linear_on_gpu():
     loss.backward()
     assert rel_err(loss.cpu(), ref) <= 1e-5
     assert rel_err(hc.grad.cpu(), h64.grad) <= 1e-4 and rel_err(wc.grad.cpu(), w64.grad) <= 1e-4
+
+
+@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
+@pytest.mark.parametrize("divergence", ["fkl", "akl", "todi", "jsd"])
+def test_sparse_teacher_at_production_size(divergence, tail):
+    """``topk_teacher`` (the streaming kernel, k = 64 of V = 128256, a bf16 teacher with ties) against a stable
+    float64 sort, then ``sparse_kd_loss`` on its output against the float64 sparse reference."""
+    gen = torch.Generator().manual_seed(5)
+    z = torch.randn(8, 128256, generator=gen).to(torch.bfloat16)
+    t = (3 * torch.randn(8, 128256, generator=gen)).to(torch.bfloat16)
+    ids, lp = kd.topk_teacher(t.cuda(), 64, temperature=2.0)
+    ref_ids, ref_lp = topk_teacher_reference(t, 64, temperature=2.0)
+    assert torch.equal(ids.cpu(), ref_ids)
+    assert torch.allclose(lp.cpu().double(), ref_lp, atol=1e-5, rtol=0)
+    kwargs = dict(tail=tail, temperature=2.0, reduction="none")
+    loss, grad = loss_and_grad(lambda x: kd.sparse_kd_loss(x, ids, lp, divergence, **kwargs), z.cuda())
+    ref_loss, ref_grad = loss_and_grad(
+        lambda x: sparse_kd_loss_reference(x, ids.cpu(), lp.cpu().double(), divergence, **kwargs), z.double())
+    tol_loss, tol_grad = TOLERANCE[z.dtype]
+    assert rel_err(loss.cpu(), ref_loss) <= tol_loss
+    assert rel_err(grad.cpu(), ref_grad) <= tol_grad
