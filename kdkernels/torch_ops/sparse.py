@@ -35,8 +35,9 @@ from kdkernels.torch_ops import validate
 from kdkernels.torch_ops.functional import reduce_rows
 from kdkernels.torch_ops.op import SECOND_DERIVATIVE, _backend_module
 from kdkernels.torch_ops.options import KDOptions, from_op, loss_options, op_args
+from kdkernels.torch_ops.reference import compute_dtype
 from kdkernels.torch_ops.sparse_reference import invalid_rows, rest_log_prob, sparse_kd_loss_reference
-from kdkernels.torch_ops.torch_backend import CHUNK_ELEMENTS
+from kdkernels.torch_ops.torch_backend import CHUNK_ELEMENTS, _log_sum, _row_max
 
 TAILS = ("bucket", "renormalize", "truncate")
 # Columns of the streaming pass's output (kernels.sparse.sparse_stats, torch_stats): over the entries outside K
@@ -60,19 +61,6 @@ def _chunks(n_rows: int, vocab: int):
     return (slice(lo, lo + step) for lo in range(0, n_rows, step))
 
 
-def _compute_dtype(z: torch.Tensor) -> torch.dtype:
-    return torch.float64 if z.dtype == torch.float64 else torch.float32
-
-
-def _row_max(x: torch.Tensor) -> torch.Tensor:
-    m = x.amax(-1)
-    return torch.where(m == NEG_INF, 0.0, m)
-
-
-def _safe_log(s: torch.Tensor) -> torch.Tensor:
-    return torch.where(s == 0, 0.0, torch.log(s))
-
-
 def _in_k(ids: torch.Tensor, use: torch.Tensor, vocab: int) -> torch.Tensor:
     """``(rows, V)`` bool: True at the ids where ``use`` (the others scatter into a dropped extra column)."""
     mask = torch.zeros((ids.shape[0], vocab + 1), dtype=torch.bool, device=ids.device)
@@ -83,7 +71,7 @@ def torch_stats(z, ids, use, labels, opts: KDOptions, rest: bool) -> torch.Tenso
     """The torch backend's ``kernels.sparse.sparse_stats``: ``(N, NUM_STREAM_STATS)`` over the entries outside the
     ids where ``use`` (``rest``) or over all entries, a chunk of rows at a time."""
     n_rows, vocab = z.shape
-    dtype, temperature = _compute_dtype(z), opts.temperature
+    dtype, temperature = compute_dtype(z), opts.temperature
     out = torch.zeros((n_rows, NUM_STREAM_STATS), dtype=dtype, device=z.device)
     for part in _chunks(n_rows, vocab):
         x = z[part].to(dtype)
@@ -100,7 +88,7 @@ def torch_stats(z, ids, use, labels, opts: KDOptions, rest: bool) -> torch.Tenso
 def torch_backward(grad_rows, z, ids, lp, labels, stats, grad_k, opts: KDOptions, rest: bool) -> torch.Tensor:
     """The torch backend's ``kernels.sparse.sparse_backward``: ``dz`` ``(N, V)``, a chunk of rows at a time."""
     n_rows, vocab = z.shape
-    dtype, temperature = _compute_dtype(z), opts.temperature
+    dtype, temperature = compute_dtype(z), opts.temperature
     dz = torch.empty_like(z, memory_format=torch.contiguous_format)
     write = (lp != NEG_INF) & (ids >= 0) & (ids < vocab)
     safe = torch.where(write, ids, 0)
@@ -141,7 +129,7 @@ def torch_topk(t: torch.Tensor, k: int, temperature: float) -> tuple[torch.Tenso
     n_rows, vocab = t.shape
     ids = torch.empty((n_rows, k), dtype=torch.int64, device=t.device)
     lp = torch.empty((n_rows, k), dtype=torch.float32, device=t.device)
-    dtype = _compute_dtype(t)
+    dtype = compute_dtype(t)
     for part in _chunks(n_rows, vocab):
         x = t[part]
         if x.dtype == torch.float64:
@@ -150,7 +138,7 @@ def torch_topk(t: torch.Tensor, k: int, temperature: float) -> tuple[torch.Tenso
             top = _order_keys(x).topk(k, dim=-1).indices
         x = x.to(dtype)
         m = _row_max(x)
-        log_s = _safe_log(((x - m[:, None]) / temperature).exp().sum(-1))
+        log_s = _log_sum(((x - m[:, None]) / temperature).exp().sum(-1))
         ids[part] = top
         lp[part] = ((x.gather(1, top) - m[:, None]) / temperature - log_s[:, None]).to(torch.float32)
     return ids, lp
@@ -199,7 +187,7 @@ def forward_rows(z, ids, lp, labels, opts: KDOptions, tail: str, backend: str, p
     if parallel is not None:
         vocab = parallel[0].vocab
     k = ids.shape[1]
-    dtype, temperature = _compute_dtype(z), opts.temperature
+    dtype, temperature = compute_dtype(z), opts.temperature
     valid = lp != NEG_INF
     bad = invalid_rows(ids, valid, vocab)
     use = valid & ~bad[:, None]
@@ -279,7 +267,7 @@ def sparse_forward(
 
 @sparse_forward.register_fake
 def _(z, ids, lp, labels, params, divergence, ignore_index, tail, backend):
-    dtype = _compute_dtype(z)
+    dtype = compute_dtype(z)
     n_rows = z.shape[0]
     return (z.new_empty((n_rows,), dtype=dtype), z.new_empty((n_rows, NUM_SPARSE_STATS), dtype=dtype),
             z.new_empty(ids.shape, dtype=dtype))

@@ -172,6 +172,25 @@ def _baseline_terms(lq, lp, q, p, live, opts: KDOptions, with_loss: bool):
     return (None if terms is None else torch.where(live, terms, 0.0)), g
 
 
+def todi_sums(lq: torch.Tensor, lp: torch.Tensor, live: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """ToDi's ``(S_a - S_b, loss)`` per row from the log-probabilities ``lq``, ``lp`` ``(rows, V)`` and the mask
+    ``live``: ``S_a = sum_m w p``, ``S_b = sum_m c q (d + 1)``, loss ``sum_m (c q - w p) d``, ``d = lq - lp``."""
+    d = torch.where(live, lq - lp, 0.0)
+    w, c = _sigmoids(d, beta)
+    w_p, c_q = w * lp.exp(), c * lq.exp()
+    s_a = torch.where(live, w_p, 0.0).sum(-1)
+    s_b = torch.where(live, c_q * (d + 1.0), 0.0).sum(-1)
+    return s_a - s_b, ((c_q - w_p) * d).sum(-1)  # d = 0 where masked
+
+
+def baseline_sums(lq: torch.Tensor, lp: torch.Tensor, live: torch.Tensor,
+                  opts: KDOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    """A baseline divergence's ``(Q_G, loss)`` per row (:func:`_baseline_terms`): ``Q_G = sum_m q dL/dq``."""
+    q = lq.exp()
+    terms, g = _baseline_terms(lq, lp, q, lp.exp(), live, opts, with_loss=True)
+    return (q * g).sum(-1), terms.sum(-1)
+
+
 def _kl_sums(e: torch.Tensor, s: torch.Tensor, centred_diff: torch.Tensor, live: torch.Tensor, log_ratio):
     """``(mass, kl)`` with ``mass = sum_m e / s`` and ``kl = sum_m (e/s) centred_diff - mass log_ratio``.
 
@@ -221,20 +240,9 @@ def forward_chunk(z, t, labels, opts: KDOptions):
         cols[layout.R_HEAD], cols[layout.R_TAIL] = akl_weights_select(t, p, q, opts.akl_alpha)
         div = cols[layout.R_HEAD] * cols[layout.FKL] + cols[layout.R_TAIL] * cols[layout.RKL]
     if divergence == "todi":
-        lq, lp = a - log_s_z[:, None], b - log_s_t[:, None]
-        d = torch.where(live, lq - lp, 0.0)
-        w, c = _sigmoids(d, opts.todi_beta)
-        w_p, c_q = w * lp.exp(), c * lq.exp()
-        s_a = torch.where(live, w_p, 0.0).sum(-1)
-        s_b = torch.where(live, c_q * (d + 1.0), 0.0).sum(-1)
-        cols[layout.TODI_S] = s_a - s_b
-        div = ((c_q - w_p) * d).sum(-1)  # d = 0 where masked
+        cols[layout.TODI_S], div = todi_sums(a - log_s_z[:, None], b - log_s_t[:, None], live, opts.todi_beta)
     if divergence in BASELINES:
-        lq, lp = a - log_s_z[:, None], b - log_s_t[:, None]
-        q = lq.exp()
-        terms, g = _baseline_terms(lq, lp, q, lp.exp(), live, opts, with_loss=True)
-        cols[layout.Q_G] = (q * g).sum(-1)
-        div = terms.sum(-1)
+        cols[layout.Q_G], div = baseline_sums(a - log_s_z[:, None], b - log_s_t[:, None], live, opts)
     row_loss = kd_weight * div
     if labels is not None:
         if ce_weight != 0.0:

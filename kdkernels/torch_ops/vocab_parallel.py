@@ -51,11 +51,11 @@ from kdkernels.torch_ops.reference import compute_dtype, head_tail_ratios
 from kdkernels.torch_ops.torch_backend import (
     BASELINES,
     NEG_INF,
-    _baseline_terms,
     _log_probs,
     _log_sum,
     _scaled,
-    _sigmoids,
+    baseline_sums,
+    todi_sums,
 )
 
 # Numbers per row of the last all-reduce (step 4), by divergence: fkl (P, F), rkl (Q, R), todi (S_a - S_b, loss),
@@ -167,10 +167,11 @@ def forward_chunk(z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None,
     sums = reducer.sum_(torch.stack(sums, 1))
     log_s_z, log_s_t = _log_sum(sums[:, 0]), _log_sum(sums[:, 1])
     lq, lp = a - log_s_z[:, None], b - log_s_t[:, None]
-    q, p = lq.exp(), lp.exp()
     live = torch.minimum(a, b) != NEG_INF  # neither is -inf
-    d = torch.where(live, lq - lp, 0.0)
     parts = []
+    if divergence in ("fkl", "rkl", "akl"):
+        q, p = lq.exp(), lp.exp()
+        d = torch.where(live, lq - lp, 0.0)
     if divergence in ("fkl", "akl"):
         parts += [torch.where(live, p, 0.0).sum(-1), -(p * d).sum(-1)]  # P, F
     if divergence in ("rkl", "akl"):
@@ -180,13 +181,9 @@ def forward_chunk(z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None,
         gap = (p - q).abs()
         parts += [torch.where(tail, 0.0, gap).sum(-1), torch.where(tail, gap, 0.0).sum(-1)]
     if divergence == "todi":
-        w, c = _sigmoids(d, opts.todi_beta)
-        w_p, c_q = w * p, c * q
-        s_ab = torch.where(live, w_p - c_q * (d + 1.0), 0.0).sum(-1)
-        parts += [s_ab, ((c_q - w_p) * d).sum(-1)]
+        parts += todi_sums(lq, lp, live, opts.todi_beta)
     if divergence in BASELINES:
-        terms, g = _baseline_terms(lq, lp, q, p, live, opts, with_loss=True)
-        parts += [(q * g).sum(-1), terms.sum(-1)]
+        parts += baseline_sums(lq, lp, live, opts)
     if with_ce:
         local = labels - shard.offset
         here = (local >= 0) & (local < shard.width)
