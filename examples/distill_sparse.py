@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from distill_tiny import WORDS, batches, corpus, evaluate, llama, train_teacher  # noqa: E402
+from distill_tiny import WORDS, batches, corpus, evaluate, llama, setup_parser, train_teacher  # noqa: E402
 
 from kdkernels.integrations.topk_dump import describe, dump_topk, read_topk  # noqa: E402
 from kdkernels.integrations.transformers import causal_lm_kd_loss, causal_lm_sparse_kd_loss  # noqa: E402
@@ -54,20 +54,11 @@ def train_student(args, name: str, teacher, train: torch.Tensor, dump: Path) -> 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = setup_parser(__doc__)
     parser.add_argument("--k", type=int, default=16, help="teacher entries kept per token (of 53)")
-    parser.add_argument("--steps", type=int, default=150, help="training steps per student")
-    parser.add_argument("--teacher-steps", type=int, default=300, help="training steps of the teacher")
-    parser.add_argument("--teacher-hidden", type=int, default=96, help="teacher hidden size (2 layers)")
-    parser.add_argument("--student-hidden", type=int, default=32, help="student hidden size (1 layer)")
-    parser.add_argument("--seq-len", type=int, default=32, help="tokens per training window")
-    parser.add_argument("--batch-size", type=int, default=16, help="windows per step")
-    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
     parser.add_argument("--temperature", type=float, default=1.0,
                         help="distillation temperature (of the dump's log-probs and of the student)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for models this small)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the corpus, the models and the batches")
     parser.add_argument("--dump", type=Path, default=None,
                         help="directory for the top-k shards (default: a fresh temporary directory)")
     return parser.parse_args(argv)

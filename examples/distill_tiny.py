@@ -157,20 +157,26 @@ def plot(curves: dict, teacher_ce: float, path: Path) -> None:
     plt.close(fig)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+def setup_parser(doc: str, steps: int = 150, teacher_steps: int = 300) -> argparse.ArgumentParser:
+    """The options every tiny-Llama example shares (corpus, models, training), with ``doc``'s first line."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--steps", type=int, default=150, help="training steps per student")
-    parser.add_argument("--teacher-steps", type=int, default=300, help="training steps of the teacher")
+    parser.add_argument("--steps", type=int, default=steps, help="training steps per student")
+    parser.add_argument("--teacher-steps", type=int, default=teacher_steps, help="training steps of the teacher")
     parser.add_argument("--teacher-hidden", type=int, default=96, help="teacher hidden size (2 layers)")
     parser.add_argument("--student-hidden", type=int, default=32, help="student hidden size (1 layer)")
     parser.add_argument("--seq-len", type=int, default=32, help="tokens per training window")
     parser.add_argument("--batch-size", type=int, default=16, help="windows per step")
     parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the corpus, the models and the batches")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = setup_parser(__doc__)
     parser.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
     parser.add_argument("--eval-every", type=int, default=10, help="student steps between held-out evaluations")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for models this small)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the corpus, the models and the batches")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "distill_tiny.png",
                         help="where to write the PNG of the held-out CE curves")
     return parser.parse_args(argv)

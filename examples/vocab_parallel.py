@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from distill_tiny import WORDS, batches, corpus, llama, train_teacher  # noqa: E402
+from distill_tiny import WORDS, batches, corpus, llama, setup_parser, train_teacher  # noqa: E402
 
 import kdkernels as kd  # noqa: E402
 
@@ -83,17 +83,7 @@ def train(args, teacher, stream, cols: slice, group) -> tuple[list[float], torch
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--steps", type=int, default=20, help="student training steps")
-    parser.add_argument("--teacher-steps", type=int, default=100, help="training steps of the teacher")
-    parser.add_argument("--teacher-hidden", type=int, default=96, help="teacher hidden size (2 layers)")
-    parser.add_argument("--student-hidden", type=int, default=32, help="student hidden size (1 layer)")
-    parser.add_argument("--seq-len", type=int, default=32, help="tokens per training window")
-    parser.add_argument("--batch-size", type=int, default=16, help="windows per step")
-    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the corpus, the models and the batches")
-    return parser.parse_args(argv)
+    return setup_parser(__doc__, steps=20, teacher_steps=100).parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
