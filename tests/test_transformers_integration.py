@@ -2,7 +2,8 @@
 
 The reference runs both models to their logits (``model(...).logits``), shifts them and applies the float64
 reference loss; the parameter gradients of the student must match those of the fused path. Also: packed
-batches, gradient accumulation through ``num_items_in_batch`` (in a ``Trainer``), padded heads.
+batches, gradient accumulation through ``num_items_in_batch`` (in :class:`~kdkernels.integrations.trainer.KDTrainer`),
+padded heads.
 """
 
 from __future__ import annotations
@@ -180,22 +181,6 @@ def test_num_items_in_batch_divides_the_sum():
         causal_lm_kd_loss(student, teacher, inputs, reduction="sum", num_items_in_batch=7)
 
 
-class DistillTrainer(transformers.Trainer):
-    """The README's recipe, word for word."""
-
-    def __init__(self, *args, teacher, divergence="todi", **kwargs):
-        super().__init__(*args, **kwargs)
-        self.teacher = teacher.to(self.args.device).eval().requires_grad_(False)
-        self.divergence = divergence
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss = causal_lm_kd_loss(model, self.teacher, inputs, self.divergence, temperature=2.0,
-                                 kd_weight=0.5, ce_weight=0.5, num_items_in_batch=num_items_in_batch)
-        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
-            loss = loss * self.accelerator.num_processes  # the processes' gradients are averaged
-        return (loss, {}) if return_outputs else loss
-
-
 def test_trainer_gradient_accumulation_1x8_equals_4x2(tmp_path):
     """One SGD step on 8 sequences of different lengths: batch 8 equals 4 accumulated micro-batches of 2.
 
@@ -203,6 +188,8 @@ def test_trainer_gradient_accumulation_1x8_equals_4x2(tmp_path):
     tokens differently (and the Trainer, trusting ``num_items_in_batch``, would not divide by 4).
     """
     pytest.importorskip("accelerate")  # Trainer needs it (the transformers extra installs it)
+    from kdkernels.integrations.trainer import KDTrainer
+
     gen = torch.Generator().manual_seed(5)
     rows = []
     for length in (9, 3, 5, 9, 2, 7, 4, 8):
@@ -216,12 +203,13 @@ def test_trainer_gradient_accumulation_1x8_equals_4x2(tmp_path):
             max_steps=1, learning_rate=1.0, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0,
             use_cpu=True, report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True)
         student = tiny_llama(16, 0)
-        trainer = DistillTrainer(model=student, args=args, train_dataset=rows, teacher=tiny_llama(24, 1))
+        trainer = KDTrainer(model=student, args=args, train_dataset=rows, teacher=tiny_llama(24, 1), divergence="todi",
+                            temperature=2.0, kd_weight=0.5, ce_weight=0.5)
         trainer.train()
         return trainer, dict(student.named_parameters())
 
     (trainer, whole), (_, accumulated) = trained(8, 1), trained(2, 4)
-    assert math.isfinite(trainer.evaluate(rows[:2])["eval_loss"])  # the recipe evaluates too
+    assert math.isfinite(trainer.evaluate(rows[:2])["eval_loss"])  # the trainer evaluates too
     start = dict(tiny_llama(16, 0).named_parameters())
     for name, param in whole.items():
         assert rel_err(accumulated[name] - start[name], param - start[name]) < 1e-5, name
@@ -238,3 +226,20 @@ def test_vocab_size_uses_first_rows_of_padded_heads():
     assert rel_err(fused, ref) < 1e-5
     for name, grad in ref_grads.items():
         assert rel_err(fused_grads[name], grad) < 1e-4, name
+
+
+def test_trainer_counts_what_the_loss_counts_and_checks_options(tmp_path):
+    """``num_items_in_batch`` is the count of positions the loss keeps (not ``Trainer``'s ``labels[:, 1:] != -100``,
+    which takes the left padding of ``batch()`` too); bad loss options fail when the trainer is built."""
+    pytest.importorskip("accelerate")
+    from kdkernels.integrations.trainer import KDTrainer
+
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], save_strategy="no")
+    trainer = KDTrainer(model=tiny_llama(16, 0), args=args, teacher=tiny_llama(24, 1), divergence="akl",
+                        akl_alpha=0.3)
+    inputs = batch()
+    _, count = trainer.get_batch_samples(iter([inputs, inputs]), 2, torch.device("cpu"))
+    kept = (shifted_labels(inputs["input_ids"], inputs["attention_mask"], inputs["labels"]) != -100).sum()
+    assert count == 2 * kept and kept < (inputs["labels"][:, 1:] != -100).sum()
+    with pytest.raises(ValueError, match="akl_alpha"):
+        KDTrainer(model=tiny_llama(16, 0), args=args, teacher=tiny_llama(24, 1), divergence="akl", akl_alpha=2.0)
