@@ -19,6 +19,7 @@ import torch
 
 from bench import report
 from bench.machine import machine
+from bench.providers import left_out
 from bench.run import Config, Progress, bench_divergence, make_inputs, steps
 from kdkernels.torch_ops.reference import DIVERGENCES
 
@@ -155,6 +156,11 @@ def run(args: argparse.Namespace) -> list[dict]:
             rows += bench_divergence(cfg, divergence, names, z, t, progress)
         del z, t
     progress.close()
+    for note in left_out(names, device, divergences):
+        print(f"left out: {note}")
+    if not rows:
+        print("nothing ran: none of the requested providers runs here")
+        return rows
     spread = report.flag_wide_spread(rows)
     info = machine(device)
     print(report.table(rows, info))

@@ -50,6 +50,18 @@ def _liger(divergence: str, temperature: float) -> Provider:
     return Provider("liger", loss, per_row=False)
 
 
+def left_out(names: tuple[str, ...], device: str, divergences: tuple[str, ...]) -> list[str]:
+    """Why requested providers will not run some or all of ``divergences`` on ``device``: one sentence each."""
+    if "liger" not in names:
+        return []
+    if device != "cuda":
+        return [f"liger runs on CUDA only (Liger-Kernel's Triton kernels), not on {device}"]
+    if importlib.util.find_spec("liger_kernel") is None:
+        return ["liger is not installed (pip install liger-kernel)"]
+    others = [d for d in divergences if d not in LIGER_BETA]
+    return [f"liger has no {', '.join(others)} (its JSD gives {' and '.join(LIGER_BETA)})"] if others else []
+
+
 def providers(divergence: str, device: str, names: tuple[str, ...], temperature: float = 1.0) -> list[Provider]:
     """The providers among ``names`` that can run ``divergence`` on ``device``."""
     options = dict(temperature=temperature, reduction="none")

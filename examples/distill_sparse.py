@@ -2,7 +2,8 @@
 
 1. The corpus and teacher of ``examples/distill_tiny.py`` (a synthetic grammar; a 2-layer Llama trained briefly).
 2. The teacher's top-k log-probs over every training batch the students will see are dumped to safetensors shards
-   (:mod:`kdkernels.integrations.topk_dump`: int32 ids, bfloat16 log-probs), then the teacher is no longer needed.
+   (:mod:`kdkernels.integrations.topk_dump`: int32 ids, bfloat16 log-probs, and the float32 log of the mass outside
+   the top-k, which the bucket tail uses), then the teacher is no longer needed.
 3. Students (the same initialisation and batches) trained from the dump with each tail of
    :func:`kdkernels.integrations.transformers.causal_lm_sparse_kd_loss` (forward KL), beside one distilled from the
    dense teacher (:func:`~kdkernels.integrations.transformers.causal_lm_kd_loss`) and one on cross-entropy only.
@@ -56,11 +57,12 @@ def train_student(args, name: str, teacher, train: torch.Tensor, dump: Path) -> 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = setup_parser(__doc__)
     parser.add_argument("--k", type=int, default=16, help="teacher entries kept per token (of 53)")
-    parser.add_argument("--temperature", type=float, default=1.0,
+    parser.add_argument("--temperature", type=float, default=2.0,
                         help="distillation temperature (of the dump's log-probs and of the student)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for models this small)")
     parser.add_argument("--dump", type=Path, default=None,
-                        help="directory for the top-k shards (default: a fresh temporary directory)")
+                        help="keep the top-k shards in this directory; without it they go to a temporary directory, "
+                             "removed at the end")
     return parser.parse_args(argv)
 
 
@@ -72,7 +74,12 @@ def main(argv: list[str] | None = None) -> None:
     held_out = corpus(64 * args.seq_len, args.seed + 100).reshape(64, args.seq_len)
     teacher = train_teacher(args, train, held_out)
     print(f"vocabulary {len(WORDS)} words; teacher trained in {time.perf_counter() - start:.0f} s")
-    dump = args.dump or Path(tempfile.mkdtemp(prefix="kdkernels-topk-"))
+    with tempfile.TemporaryDirectory(prefix="kdkernels-topk-") as scratch:
+        distill(args, teacher, train, held_out, args.dump or Path(scratch), start)
+
+
+def distill(args, teacher, train: torch.Tensor, held_out: torch.Tensor, dump: Path, start: float) -> None:
+    """Dump the teacher's top-k to ``dump``, train a student per run from it, print the table."""
     windows = batches(train, args.seq_len, args.batch_size, args.seed + 2)  # the students' batches
     dump_topk(teacher, ({"input_ids": ids} for ids in itertools.islice(windows, args.steps)), dump, args.k,
               temperature=args.temperature)

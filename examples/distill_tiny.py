@@ -174,7 +174,7 @@ def setup_parser(doc: str, steps: int = 150, teacher_steps: int = 300) -> argpar
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = setup_parser(__doc__)
-    parser.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
+    parser.add_argument("--temperature", type=float, default=2.0, help="distillation temperature (the README recipe's)")
     parser.add_argument("--eval-every", type=int, default=10, help="student steps between held-out evaluations")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for models this small)")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "distill_tiny.png",

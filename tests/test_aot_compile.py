@@ -4,14 +4,17 @@ The interpreter accepts code that the GPU compiler rejects (type mismatches, uns
 compiles, down to a cubin through ptxas, exactly what ``kernels/launch.py`` launches (its constexprs, warps
 and the runtime specialisation of aligned pointers and sizes; ``kernels/aot.py``) for every divergence x
 (student, teacher) dtype pair x label mode (none, labels, CE at T = 1 and T = 2) x vocabulary (divisible by 16
-or not), and checks that none spills. It runs in a subprocess: under ``TRITON_INTERPRET=1`` (set by conftest)
-``triton.jit`` makes functions that cannot be compiled.
+or not), and checks that none spills; the quick run compiles the variants of one case per divergence, which take
+every kernel and every value of the other dimensions (``aot.sample_cases``). It runs in a subprocess: under
+``TRITON_INTERPRET=1`` (set by conftest) ``triton.jit`` makes functions that cannot be compiled.
 """
 
 import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 from kdkernels.kernels.aot import DTYPE_PAIRS, LABEL_MODES, VOCABS
 from kdkernels.torch_ops.layout import DIVERGENCE_CODES
@@ -27,9 +30,13 @@ KERNELS = {
 }
 
 
-def test_every_launched_variant_compiles_without_spills():
+@pytest.mark.parametrize("cases", [pytest.param("--sample", id="sample"),
+                                   pytest.param(None, id="every", marks=pytest.mark.full)])
+def test_every_launched_variant_compiles_without_spills(cases):
+    """Quick run: each divergence once, the cases rotating through the other dimensions (``aot.sample_cases``);
+    exhaustive run: every case."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "kdkernels.kernels.aot", "80", "90"], env=env,
+    out = subprocess.run([sys.executable, "-m", "kdkernels.kernels.aot", *filter(None, [cases]), "80", "90"], env=env,
                          capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in out.stdout.splitlines()]

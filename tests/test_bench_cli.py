@@ -98,3 +98,11 @@ def test_plot_bars_at_one_vocabulary_lines_for_several(vocabs):
         lines = {line.get_label(): line for line in time_axis.get_lines()}
         assert lines["fkl kdkernels"].get_linewidth() > lines["fkl eager"].get_linewidth()
         assert lines["fkl kdkernels"].get_color() != lines["fkl eager"].get_color()
+
+
+def test_liger_on_the_cpu_says_why_nothing_ran(capsys):
+    """``--providers liger`` on the CPU: a line saying liger needs CUDA, and no empty table or spread line."""
+    assert main(["--providers", "liger", "--device", "cpu", "--n", "4", "--v", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "left out: liger runs on CUDA only" in out and "nothing ran" in out
+    assert "spread" not in out and "columns:" not in out

@@ -80,8 +80,10 @@ def test_rows_of_finfo_min(backend, divergence, dtype):
     check(backend, z, t, divergence)
 
 
-@pytest.mark.parametrize("alpha", [0.999999, 0.99, 1e-6])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend, alpha", [
+    (b, a) if b == "torch" or a == 0.999999 else pytest.param(b, a, marks=pytest.mark.full)
+    for b in BACKENDS for a in (0.999999, 0.99, 1e-6)
+])
 def test_akl_alpha_near_its_bounds(backend, alpha):
     z = randn(64, 500, seed=7)
     t = randn(64, 500, seed=8, scale=30.0)

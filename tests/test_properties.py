@@ -14,7 +14,11 @@ from hypothesis import strategies as st
 
 import kdkernels as kd
 from kdkernels.torch_ops.reference import DIVERGENCES
-from tests.utils import BACKENDS, assert_near_reference_on_kl_scale, loss_and_grad
+from tests.utils import BACKENDS, assert_near_reference_on_kl_scale, divergence_backend, loss_and_grad
+
+# The Triton backend's divergences in the quick run: AKL's many examples cost minutes under the interpreter; its
+# Triton path is checked on fixed inputs elsewhere (test_matrix, test_edge_cases, test_akl_todi).
+QUICK = ("fkl", "todi", "jsd")
 
 # Error allowed against the float64 reference on the scale of FKL's, by student dtype: (loss, gradient) (see
 # tests/utils.assert_near_reference_on_kl_scale). Looser than tests/utils.TOLERANCE for float32 because random
@@ -77,8 +81,7 @@ def loss_fn(teacher, divergence, backend, **kwargs):
     return lambda z: kd.kd_loss(z, teacher, divergence, backend=backend, **kwargs)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("divergence, backend", divergence_backend(DIVERGENCES, BACKENDS, QUICK))
 @PROPERTY_SETTINGS
 @given(case=cases(), reduction=st.sampled_from(["mean", "sum", "none"]))
 def test_matches_reference(divergence, backend, case, reduction):
@@ -91,8 +94,7 @@ def test_matches_reference(divergence, backend, case, reduction):
                                       reduction=reduction, **kwargs)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("divergence, backend", divergence_backend(DIVERGENCES, BACKENDS, QUICK))
 @PROPERTY_SETTINGS
 @given(case=cases(neg_inf=False))
 def test_non_negative(divergence, backend, case):
@@ -108,8 +110,7 @@ def test_non_negative(divergence, backend, case):
     assert (rows >= -1e-6).all(), rows
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("divergence, backend", divergence_backend(DIVERGENCES, BACKENDS, QUICK))
 @PROPERTY_SETTINGS
 @given(case=cases(dtypes=(torch.float32, torch.bfloat16)))
 def test_zero_when_student_equals_teacher(divergence, backend, case):
@@ -121,8 +122,7 @@ def test_zero_when_student_equals_teacher(divergence, backend, case):
     assert grad.float().abs().max() <= 1e-6, grad
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("divergence, backend", divergence_backend(DIVERGENCES, BACKENDS, QUICK))
 @PROPERTY_SETTINGS
 @given(case=cases(dtypes=(torch.float32,)), shift=st.integers(-64, 64), which=st.sampled_from(["student", "teacher"]))
 def test_shift_invariance(divergence, backend, case, shift, which):
@@ -142,8 +142,7 @@ def test_shift_invariance(divergence, backend, case, shift, which):
     torch.testing.assert_close(shifted_grad, grad, rtol=1e-4, atol=scale)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("divergence, backend", divergence_backend(DIVERGENCES, BACKENDS, QUICK))
 @PROPERTY_SETTINGS
 @given(case=cases(dtypes=(torch.float32,)))
 def test_gradient_rows_sum_to_zero(divergence, backend, case):

@@ -219,7 +219,9 @@ def test_torch_backend_reads_no_values():
             rows, stats, grad_k = sparse.forward_rows(z, ids, lp, labels, opts._replace(divergence="fkl") if
                                                       tail == "truncate" else opts, tail, "torch")
             sparse.torch_backward(torch.ones_like(rows), z, ids, lp, labels, stats, grad_k, opts, tail == "bucket")
-        sparse.torch_topk(z, 5, 2.0)
+        sparse.forward_rows(z, ids, lp, labels, opts, "bucket", "torch", rest_lp=torch.full((N_ROWS,), -3.0))
+        top, _ = sparse.torch_topk(z, 5, 2.0)
+        sparse.rest_rows(z, top, 2.0, "torch")
     assert not mode.seen, mode.seen
 
 
@@ -239,15 +241,20 @@ def test_compiles_with_fullgraph(backend):
     z, ids, lp, labels = sparse_case(8, seed=2)
     labels[1], z[1], ids[1] = 0, 0.0, ids[0]  # a kept, valid row
 
-    def step(student, ids, lp, labels):
+    rest = torch.full((N_ROWS,), -3.0)
+
+    def step(student, ids, lp, labels, rest):
         return kd.sparse_kd_loss(student, ids, lp, "todi", labels=labels, temperature=2.0, kd_weight=0.5,
-                                 ce_weight=0.5, backend=backend)
+                                 ce_weight=0.5, teacher_rest_logprob=rest, backend=backend)
 
     results = []
     for fn in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
-        results.append(loss_and_grad(lambda x, fn=fn: fn(x, ids, lp, labels), z))
-    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
-    top = torch.compile(lambda t: kd.topk_teacher(t, 4, temperature=2.0, backend=backend), fullgraph=True,
-                        backend="aot_eager")
-    assert all(torch.equal(a, b) for a, b in zip(top(z), kd.topk_teacher(z, 4, temperature=2.0, backend=backend)))
+        for given in (None, rest):
+            results.append(loss_and_grad(lambda x, fn=fn, given=given: fn(x, ids, lp, labels, given), z))
+    assert all(torch.equal(a, b) for i in (0, 1) for a, b in zip(results[i], results[i + 2]))
+    assert not torch.equal(results[0][0], results[1][0])  # the rest is used
+    top = torch.compile(lambda t: kd.topk_teacher(t, 4, temperature=2.0, return_rest=True, backend=backend),
+                        fullgraph=True, backend="aot_eager")
+    eager = kd.topk_teacher(z, 4, temperature=2.0, return_rest=True, backend=backend)
+    assert all(torch.equal(a, b) for a, b in zip(top(z), eager))
     torch._dynamo.reset()

@@ -3,8 +3,9 @@
 - ``fused_linear_kd_loss`` with ``teacher_indices``/``teacher_logprobs`` equals ``sparse_kd_loss`` of the
   materialised logits (loss and gradients of hidden states, weight and bias), over several chunks.
 - ``dump_topk`` then ``read_topk`` gives back, bit for bit, the int32 ids and bfloat16 log-probs of the teacher's
-  top-k, with its metadata; ``causal_lm_sparse_kd_loss`` on a read batch equals ``sparse_kd_loss`` of the student's
-  shifted logits.
+  top-k and the float32 log of its mass outside them, with its metadata; ``causal_lm_sparse_kd_loss`` on a read
+  batch equals ``sparse_kd_loss`` of the student's shifted logits with that rest, and without it for a shard that
+  has none (written before the rest existed).
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ from kdkernels.integrations.topk_dump import (  # noqa: E402
     read_topk,
     teacher_topk,
     topk_metadata,
+    write_topk,
 )
 from kdkernels.integrations.transformers import causal_lm_sparse_kd_loss, shifted_labels  # noqa: E402
 
@@ -111,7 +113,9 @@ def test_dump_round_trip_is_bit_exact(tmp_path):
     read = list(read_topk(tmp_path))
     assert len(read) == 5
     for got, batch in zip(read, batches(5)):
-        ids, lp = teacher_topk(teacher, batch, 8, temperature=2.0)  # what the dump computed
+        ids, lp, rest = teacher_topk(teacher, batch, 8, temperature=2.0, return_rest=True)  # what the dump computed
+        assert got["teacher_rest_logprob"].dtype == torch.float32
+        assert torch.equal(got["teacher_rest_logprob"], rest)
         assert torch.equal(got["input_ids"], batch["input_ids"])
         assert torch.equal(got["attention_mask"], batch["attention_mask"])
         assert got["teacher_indices"].dtype == torch.int32 and got["teacher_logprobs"].dtype == torch.bfloat16
@@ -119,16 +123,24 @@ def test_dump_round_trip_is_bit_exact(tmp_path):
         assert torch.equal(got["teacher_logprobs"].view(torch.int16), lp.to(torch.bfloat16).view(torch.int16))
         # and that is the top-k of the teacher's logits (up to the chunked matmul's rounding)
         with torch.no_grad():
-            full_ids, full_lp = kd.topk_teacher(teacher(**batch).logits, 8, temperature=2.0)
+            full_ids, full_lp, full_rest = kd.topk_teacher(teacher(**batch).logits, 8, temperature=2.0,
+                                                           return_rest=True)
         assert torch.equal(ids, full_ids) and (lp - full_lp).abs().max() <= 1e-5
+        assert (rest - full_rest).abs().max() <= 1e-5
     with pytest.raises(ValueError, match="already holds"):
         dump_topk(teacher, batches(1), tmp_path, 8)
 
 
-def test_causal_lm_sparse_loss_equals_the_loss_of_its_logits(tmp_path):
+@pytest.mark.parametrize("with_rest", [True, False])
+def test_causal_lm_sparse_loss_equals_the_loss_of_its_logits(tmp_path, with_rest):
     teacher, student = tiny_llama(24, seed=0), tiny_llama(16, seed=1)
-    dump_topk(teacher, batches(1), tmp_path, 6)
-    (batch,) = read_topk(tmp_path)
+    dump_topk(teacher, batches(1), tmp_path / "dump", 6)
+    (batch,) = read_topk(tmp_path / "dump")
+    if not with_rest:  # a shard as written before the rest existed
+        write_topk(tmp_path / "old", batch["input_ids"], batch["teacher_indices"], batch["teacher_logprobs"],
+                   attention_mask=batch["attention_mask"], temperature=1.0, vocab_size=VOCAB)
+        (batch,) = read_topk(tmp_path / "old")
+        assert "teacher_rest_logprob" not in batch
     batch["labels"] = batch["input_ids"].clone()
     batch["labels"][0, 3] = -100
     options = dict(tail="bucket", temperature=2.0, ce_weight=0.5, kd_weight=0.5)
@@ -136,9 +148,14 @@ def test_causal_lm_sparse_loss_equals_the_loss_of_its_logits(tmp_path):
     got_grads = torch.autograd.grad(got, student.lm_head.weight)
     logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     labels = shifted_labels(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    rest = batch["teacher_rest_logprob"][:, :-1] if with_rest else None
     want = kd.sparse_kd_loss(logits, batch["teacher_indices"][:, :-1], batch["teacher_logprobs"][:, :-1], "todi",
-                             labels=labels, **options)
+                             labels=labels, teacher_rest_logprob=rest, **options)
     want_grads = torch.autograd.grad(want, student.lm_head.weight)
     assert rel_err(got, want) <= 1e-6 and rel_err(got_grads[0], want_grads[0]) <= 1e-5
+    if with_rest:  # the batch's rest is used: bfloat16 log-probs sum to 1 only to ~1e-3
+        floored = kd.sparse_kd_loss(logits, batch["teacher_indices"][:, :-1], batch["teacher_logprobs"][:, :-1],
+                                    "todi", labels=labels, **options)
+        assert rel_err(got, floored) > 1e-6
     with pytest.raises(ValueError, match="teacher_indices"):
         causal_lm_sparse_kd_loss(student, {"input_ids": batch["input_ids"]}, "fkl")

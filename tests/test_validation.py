@@ -105,6 +105,11 @@ def test_unknown_divergence():
     check(ValueError, ["divergence"], logits(N, V), logits(N, V), "FKL")
 
 
+def test_labels_given_positionally():
+    """``kd_loss(z, t, labels)`` puts the labels in ``divergence``: the message says they are keyword-only."""
+    check(ValueError, ["divergence", "keyword-only", "labels="], logits(N, V), logits(N, V), torch.zeros(N).long())
+
+
 def test_unknown_reduction():
     """reduction outside mean/sum/none: ValueError naming reduction."""
     check(ValueError, ["reduction"], logits(N, V), logits(N, V), reduction="batchmean")
@@ -233,3 +238,14 @@ def test_module_validates_inputs():
     """KDLoss also checks the tensors of each call."""
     with pytest.raises(ValueError, match="teacher_logits"):
         kd.KDLoss("fkl")(logits(N, V), logits(N, V).requires_grad_(True))
+
+
+def test_causal_lm_labels_already_shifted():
+    """Labels shifted by the user, ``(B, S - 1)``: the message says that labels align with ``input_ids``, instead of
+    comparing the loss's internal shifted shapes."""
+    from kdkernels.integrations.transformers import shifted_labels
+
+    input_ids = torch.arange(30).reshape(2, 15)
+    with pytest.raises(ValueError, match=r"labels must have the shape of input_ids \(2, 15\), got \(2, 14\): labels "
+                                         r"align with input_ids"):
+        shifted_labels(input_ids, labels=input_ids[:, 1:])

@@ -202,21 +202,23 @@ def fused_loss_and_grads(case, cols: slice = slice(None), process_group=None):
 
 SPARSE_CASES = [("torch", "fkl", "bucket", 1.0, 0.5), ("torch", "akl", "bucket", 2.0, 0.0),
                 ("torch", "todi", "renormalize", 2.0, 0.5), ("torch", "fkl", "truncate", 2.0, 0.5),
-                ("torch", "tvd", "bucket", 1.0, 0.0)]
+                ("torch", "tvd", "bucket", 1.0, 0.0), ("torch", "rkl", "bucket+rest", 1.0, 0.5)]
 if "triton" in BACKENDS:
     SPARSE_CASES += [("triton", "rkl", "bucket", 2.0, 0.5), ("triton", "jsd", "renormalize", 1.0, 0.0)]
 
 
 def sparse_loss_and_grad(case, cols: slice = slice(None), process_group=None):
-    """Loss of a sparse case (top-6 teacher of ``data``'s, padded, ids on every rank) on the student's columns
-    ``cols`` and its gradient there."""
+    """Loss of a sparse case (top-6 teacher of ``data``'s, padded, ids on every rank; ``bucket+rest``: with the
+    teacher's exact mass outside them) on the student's columns ``cols`` and its gradient there."""
     backend, divergence, tail, temperature, ce = case
     z, t, labels = data(torch.float32, padded=False)
-    ids, lp = kd.topk_teacher(torch.nan_to_num(t, neginf=-30.0), 6)
+    ids, lp, rest = kd.topk_teacher(torch.nan_to_num(t, neginf=-30.0), 6, return_rest=True)
     lp[0, 1, 2:] = float("-inf")  # padding in one row
+    tail, with_rest = tail.removesuffix("+rest"), tail.endswith("+rest")
     return loss_and_grad(lambda x: kd.sparse_kd_loss(x, ids, lp, divergence, tail=tail, labels=labels,
                                                      backend=backend, temperature=temperature, ce_weight=ce,
                                                      reduction="sum", process_group=process_group,
+                                                     teacher_rest_logprob=rest if with_rest else None,
                                                      **PARAMS.get(divergence, {})), z[..., cols])
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 
+import pytest
 import torch
 
 from kdkernels.torch_ops.reference import kd_loss_reference
@@ -12,6 +13,24 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 # Production backends compared with the reference; "triton" runs through the interpreter without a GPU.
 BACKENDS = ["torch", "triton"] if HAS_TRITON else ["torch"]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def full_only(*values) -> list:
+    """Parametrize values that only the exhaustive run takes (``KDKERNELS_FULL=1``, CI; see ``conftest.py``)."""
+    return [pytest.param(value, marks=pytest.mark.full) for value in values]
+
+
+# One divergence per kernel path (fkl: the KL pair's two passes; todi and jsd: the finish pass without and with the
+# mixture; akl: its own passes): those the quick run gives the Triton backend, where each call costs seconds.
+QUICK_DIVERGENCES = ("fkl", "akl", "todi", "jsd")
+
+
+def divergence_backend(divergences, backends, quick=QUICK_DIVERGENCES) -> list:
+    """``("divergence, backend")`` parameters: every pair; the Triton backend's outside ``quick`` are marked ``full``
+    (the other backends are cheap)."""
+    return [pytest.param(d, b, marks=pytest.mark.full) if b == "triton" and d not in quick else (d, b)
+            for b in backends for d in divergences]
+
 
 # Relative norm error allowed against the float64 reference, by student dtype: (loss, gradient).
 TOLERANCE = {

@@ -37,6 +37,7 @@ LOGIT_TRANSFORMS = {
 }
 IGNORE_INDEX = -100  # the transformers convention for positions without a label
 TOPK_KEYS = ("teacher_indices", "teacher_logprobs")  # a batch's sparse teacher (topk_dump.py), not a model input
+REST_KEY = "teacher_rest_logprob"  # optional beside TOPK_KEYS: the log of the teacher's mass outside its top-k
 
 
 def _pretrained_model_class():
@@ -112,7 +113,7 @@ def model_inputs(model: torch.nn.Module, batch: Mapping) -> dict:
     params = inspect.signature(model.forward).parameters
     any_keyword = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     inputs = {key: value for key, value in batch.items()
-              if key not in ("labels", *TOPK_KEYS) and (any_keyword or key in params)}
+              if key not in ("labels", *TOPK_KEYS, REST_KEY) and (any_keyword or key in params)}
     if "use_cache" in params:
         inputs["use_cache"] = False
     return inputs
@@ -139,6 +140,10 @@ def shifted_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor | None 
     A position is ignored (``-100``) when its target label is ``-100`` or when it or its target is padding
     (``attention_mask`` 0): a padding position's hidden state has no context to predict from.
     """
+    if labels is not None and labels.shape != input_ids.shape:
+        raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got "
+                         f"{tuple(labels.shape)}: labels align with input_ids (as for a transformers model's own "
+                         f"loss) and are shifted here; do not pass them shifted")
     target = (input_ids if labels is None else labels)[:, 1:]
     keep = target != IGNORE_INDEX
     if attention_mask is not None:
@@ -269,7 +274,8 @@ def causal_lm_sparse_kd_loss(
         batch: ``input_ids`` ``(B, S)``, optional ``attention_mask`` and ``labels``, and the teacher's top-k at every
             position: ``teacher_indices`` ``(B, S, K)`` int32/int64 and ``teacher_logprobs`` ``(B, S, K)``, position
             ``i`` holding its prediction of token ``i + 1`` (as ``kdkernels.integrations.topk_dump.read_topk`` yields
-            them; the last position is not used). The log-probs are the target as given.
+            them; the last position is not used). The log-probs are the target as given. Optional
+            ``teacher_rest_logprob`` ``(B, S)``: the log of the teacher's mass outside the top-k (``tail="bucket"``).
         divergence, tail: as in :func:`kdkernels.sparse_kd_loss` (``tail``: ``"bucket"``, ``"renormalize"``,
             ``"truncate"``); ``temperature`` divides the student's logits only.
         backend, chunk_size, num_items_in_batch, **options: as in :func:`causal_lm_kd_loss`.
@@ -285,13 +291,15 @@ def causal_lm_sparse_kd_loss(
     input_ids = batch["input_ids"]
     labels = shifted_labels(input_ids, batch.get("attention_mask"), batch.get("labels"))
     teacher_indices, teacher_logprobs = (batch[key][:, :-1] for key in TOPK_KEYS)
+    teacher_rest = batch[REST_KEY][:, :-1] if REST_KEY in batch else None
 
     def fused_loss(hidden: torch.Tensor) -> torch.Tensor:
         """The student's output layer for this call: reads its weight here, where FSDP has gathered it."""
         _check_hidden("student", hidden, input_ids)
         return fused_linear_kd_loss(
             hidden[:, :-1], s_head.weight, divergence=divergence, student_bias=s_head.bias,
-            teacher_indices=teacher_indices, teacher_logprobs=teacher_logprobs, tail=tail, labels=labels,
+            teacher_indices=teacher_indices, teacher_logprobs=teacher_logprobs, teacher_rest_logprob=teacher_rest,
+            tail=tail, labels=labels,
             backend=backend, chunk_size=chunk_size, **fused_options,
         )
 

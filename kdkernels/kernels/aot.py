@@ -62,6 +62,13 @@ def all_cases() -> list[Case]:
             itertools.product(DIVERGENCE_CODES, DTYPE_PAIRS, LABEL_MODES, VOCABS)]
 
 
+def sample_cases() -> list[Case]:
+    """Each divergence once, the cases rotating through the dtype pairs, label modes and vocabularies, so that every
+    kernel and every value of each of these appears (the quick test run; :func:`all_cases` in the exhaustive one)."""
+    return [Case(d, *DTYPE_PAIRS[i % len(DTYPE_PAIRS)], LABEL_MODES[i % len(LABEL_MODES)], VOCABS[i % len(VOCABS)])
+            for i, d in enumerate(DIVERGENCE_CODES)]
+
+
 def launched(case: Case) -> list[launch.Launch]:
     """The launches of one forward + backward of ``case``, recorded on meta tensors."""
     meta = torch.device("meta")
@@ -154,16 +161,17 @@ def _compile_one(job: tuple[Case, int, int]) -> dict:
 
 
 def main() -> None:
-    """``python -m kdkernels.kernels.aot [ARCH ...]``: compile every launched variant once (on every core), one
-    JSON line each: the first case that launches it, the kernel, the arch, its warps, registers and the
-    stack/local (spill) bytes."""
+    """``python -m kdkernels.kernels.aot [--sample] [ARCH ...]``: compile every launched variant once (on every
+    core), one JSON line each: the first case that launches it, the kernel, the arch, its warps, registers and the
+    stack/local (spill) bytes. ``--sample``: the variants of :func:`sample_cases` only."""
     import json
     import os
     import sys
     from concurrent.futures import ProcessPoolExecutor
 
-    archs = tuple(int(a) for a in sys.argv[1:]) or (80, 90)
-    cases = all_cases()
+    args = sys.argv[1:]
+    archs = tuple(int(a) for a in args if a != "--sample") or (80, 90)
+    cases = sample_cases() if "--sample" in args else all_cases()
     jobs = [(cases[i], j, arch) for i, j, arch in unique_launches(cases, archs)]
     with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
         for row in pool.map(_compile_one, jobs, chunksize=4):

@@ -45,6 +45,9 @@ ID_MASK = tl.constexpr(2**32 - 1)
 TOPK_KERNEL_MAX_K = 256  # larger k runs the torch path in row chunks on the same device
 TOPK_MAX_BLOCK = 1024
 TOPK_WARPS = 8
+# Register cap of topk_kernel (it uses 80-144 at K <= 256, by version): uncapped, the ptxas of Triton 3.8 and 3.9 aims
+# at 80 and spills 8-16 bytes at K = 64 and 256; at the streaming kernels' 128, Triton 3.6's spills at K = 256 (fp32).
+TOPK_MAX_REGISTERS = 160
 IDS_BLOCK = 1024
 # Entries per block of the stats pass: 16 per thread, so the per-block maximum (a cross-warp reduction) costs
 # little per entry, and the pass stays memory-bound while it reads only z (2 bytes per entry in bf16).
@@ -187,7 +190,8 @@ def sparse_ids_kernel(
         inb = offs < K
         ids = tl.load(ids_ptr + row * K + offs, mask=inb, other=-1)
         lp = tl.load(lp_ptr + row * K + offs, mask=inb, other=float("-inf"))
-        write = inb & keep & (lp != float("-inf")) & (ids >= 0) & (ids < V)
+        # an ignored row writes nothing: its bound is 0 (a scalar bool in the mask is refused by the 3.9 interpreter)
+        write = inb & (lp != float("-inf")) & (ids >= 0) & (ids < tl.where(keep, V, 0))
         z = tl.load(z_row + ids, mask=write, other=float("-inf")).to(tl.float32)
         g_k = tl.load(grad_k_ptr + row * K + offs, mask=inb, other=0.0)
         q = tl.exp2((z - shift) * scale2 - log2_s)
@@ -314,5 +318,5 @@ def topk(t: torch.Tensor, k: int, temperature: float) -> tuple[torch.Tensor, tor
     kp = max(16, triton.next_power_of_2(k))
     block = max(kp, _block(vocab, TOPK_MAX_BLOCK))
     _launch(topk_kernel, (n_rows,), t, ids, lp, vocab, t.stride(0), 1.0 / temperature, k, KP=kp, BLOCK_V=block,
-            num_warps=TOPK_WARPS)
+            num_warps=TOPK_WARPS, maxnreg=TOPK_MAX_REGISTERS)
     return ids, lp

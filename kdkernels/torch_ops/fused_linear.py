@@ -29,7 +29,7 @@ from kdkernels.torch_ops import validate
 from kdkernels.torch_ops.functional import reduce_rows
 from kdkernels.torch_ops.op import kd_backward, kd_forward
 from kdkernels.torch_ops.options import from_op, loss_options, op_args
-from kdkernels.torch_ops.sparse import check_sparse_teacher, check_tail, sparse_backward, sparse_forward
+from kdkernels.torch_ops.sparse import check_rest, check_sparse_teacher, check_tail, sparse_backward, sparse_forward
 
 FUSED_BACKENDS = ("auto", "torch", "triton")
 CHUNK_ELEMENTS = 1 << 24  # most logits entries of one chunk (64 MiB in float32)
@@ -55,10 +55,11 @@ def auto_chunk_size(vocab: int, hidden: int) -> int:
 def _sweep(student, teacher, labels, opts, row_grad, needs):
     """Row losses ``(N,)`` and, with ``row_grad`` ``(N,)``, the gradients ``(dh, dW, db)`` (``None`` if unneeded).
 
-    ``student = (h, W, b)``; ``teacher = (g, U, c, t, ids, lp)`` with either ``t``, ``g, U`` or ``ids, lp`` given.
+    ``student = (h, W, b)``; ``teacher = (g, U, c, t, ids, lp, rest)`` with either ``t``, ``g, U`` or ``ids, lp``
+    (and optionally ``rest``) given.
     """
     h, weight, bias = student
-    g, t_weight, t_bias, t_logits, t_ids, t_lp = teacher
+    g, t_weight, t_bias, t_logits, t_ids, t_lp, t_rest = teacher
     n_rows = h.shape[0]
     rows = torch.zeros(n_rows, dtype=opts["result_dtype"], device=h.device)
     acc = torch.promote_types(weight.dtype, torch.float32)  # accumulate the weight/bias gradients in float32+
@@ -84,7 +85,8 @@ def _sweep(student, teacher, labels, opts, row_grad, needs):
             else:
                 rows[part], stats = vocab_parallel.forward(z, t, lab, *parallel)
         else:
-            rows[part], stats, grad_k = sparse_forward(z, t_ids[part], t_lp[part], lab, *sparse_options)
+            rest = None if t_rest is None else t_rest[part]
+            rows[part], stats, grad_k = sparse_forward(z, t_ids[part], t_lp[part], rest, lab, *sparse_options)
         if row_grad is None:
             continue
         if parallel is not None:
@@ -129,13 +131,13 @@ class _FusedLinearKD(torch.autograd.Function):
     """Inputs already flattened to rows; ``opts`` holds the options, ``needs`` which gradients to make."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, g, t_weight, t_bias, t_logits, t_ids, t_lp, labels, opts, needs):
-        student, teacher = (h, weight, bias), (g, t_weight, t_bias, t_logits, t_ids, t_lp)
+    def forward(ctx, h, weight, bias, g, t_weight, t_bias, t_logits, t_ids, t_lp, t_rest, labels, opts, needs):
+        student, teacher = (h, weight, bias), (g, t_weight, t_bias, t_logits, t_ids, t_lp, t_rest)
         ctx.opts, ctx.needs = opts, needs
         reduction, ignore_index = opts["loss"].reduction, opts["loss"].ignore_index
         if reduction == "none":
             rows, _ = _sweep(student, teacher, labels, opts, None, needs)
-            ctx.save_for_backward(h, weight, bias, g, t_weight, t_bias, t_logits, t_ids, t_lp, labels)
+            ctx.save_for_backward(h, weight, bias, g, t_weight, t_bias, t_logits, t_ids, t_lp, t_rest, labels)
             return rows
         shares = _row_shares(h.shape[0], labels, ignore_index, reduction, h.device) if any(needs) else None
         rows, ctx.grads = _sweep(student, teacher, labels, opts, shares, needs)
@@ -144,16 +146,16 @@ class _FusedLinearKD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         if ctx.opts["loss"].reduction == "none":
-            h, weight, bias, g, t_weight, t_bias, t_logits, t_ids, t_lp, labels = ctx.saved_tensors
-            _, grads = _sweep((h, weight, bias), (g, t_weight, t_bias, t_logits, t_ids, t_lp), labels, ctx.opts,
-                              grad_output.to(torch.float32), ctx.needs)
+            h, weight, bias, g, t_weight, t_bias, t_logits, t_ids, t_lp, t_rest, labels = ctx.saved_tensors
+            _, grads = _sweep((h, weight, bias), (g, t_weight, t_bias, t_logits, t_ids, t_lp, t_rest), labels,
+                              ctx.opts, grad_output.to(torch.float32), ctx.needs)
         else:
             # The gradients made in the forward are handed over once and scaled in place (no second copy of dW).
             if ctx.grads is None:
                 raise RuntimeError(SECOND_BACKWARD)
             grads, ctx.grads = ctx.grads, None
             grads = tuple(None if x is None else x.mul_(grad_output.to(x.dtype)) for x in grads)
-        return (*grads, None, None, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None, None, None)
 
 
 def _check_weight(name: str, weight: object, bias_name: str, bias: object) -> None:
@@ -198,16 +200,17 @@ def _first_entries(vocab_size: object, w, b, u, c, t_logits) -> tuple:
     return first(w), first(b), first(u), first(c), None if t_logits is None else t_logits[..., :vocab_size]
 
 
-def _check_inputs(h, w, b, g, u, c, t_logits, t_ids=None, t_lp=None) -> torch.Tensor:
+def _check_inputs(h, w, b, g, u, c, t_logits, t_ids=None, t_lp=None, t_rest=None) -> torch.Tensor:
     """All shape/dtype/device checks; returns the tensor standing for the teacher in backend checks."""
     _check_weight("student_weight", w, "student_bias", b)
     _check_hidden("student_hidden", h, "student_weight", w)
     lead, vocab = tuple(h.shape[:-1]), w.shape[0]
-    if t_ids is not None or t_lp is not None:
+    if t_ids is not None or t_lp is not None or t_rest is not None:
         if t_ids is None or t_lp is None or t_logits is not None or g is not None or u is not None or c is not None:
-            raise ValueError("a sparse teacher is teacher_indices and teacher_logprobs together, with no other "
-                             "teacher argument")
+            raise ValueError("a sparse teacher is teacher_indices and teacher_logprobs together (and optionally "
+                             "teacher_rest_logprob), with no other teacher argument")
         check_sparse_teacher(h, t_ids, t_lp)
+        check_rest(h, t_rest)
         teacher = {}
     elif t_logits is not None:
         if g is not None or u is not None or c is not None:
@@ -270,6 +273,7 @@ def fused_linear_kd_loss(
     teacher_logits: torch.Tensor | None = None,
     teacher_indices: torch.Tensor | None = None,
     teacher_logprobs: torch.Tensor | None = None,
+    teacher_rest_logprob: torch.Tensor | None = None,
     tail: str = "bucket",
     labels: torch.Tensor | None = None,
     backend: str = "auto",
@@ -286,8 +290,9 @@ def fused_linear_kd_loss(
         teacher_hidden, teacher_weight, teacher_bias: ``(..., H_t)``, ``(V, H_t)``, ``(V,)``; ``H_t`` may differ
             from ``H_s``, ``V`` may not. Or pass ``teacher_logits`` ``(..., V)`` instead. Teacher tensors are
             constants and must not require grad (``.detach()`` them).
-        teacher_indices, teacher_logprobs, tail: or a sparse teacher, ``(..., K)`` ids and log-probs as in
-            :func:`kdkernels.sparse_kd_loss` (``tail``: ``"bucket"``, ``"renormalize"`` or ``"truncate"``).
+        teacher_indices, teacher_logprobs, teacher_rest_logprob, tail: or a sparse teacher, ``(..., K)`` ids and
+            log-probs and optionally the ``(...)`` log-mass outside them, as in :func:`kdkernels.sparse_kd_loss`
+            (``tail``: ``"bucket"``, ``"renormalize"`` or ``"truncate"``).
         divergence, labels, **options: as in :func:`kdkernels.kd_loss` (the fields of
             :class:`~kdkernels.KDOptions`; the teacher is the target; no ``T**2`` factor; CE at T = 1).
             ``reduction="none"`` gives rows of shape ``(...)``; its backward recomputes the logits, so it costs
@@ -323,7 +328,7 @@ def fused_linear_kd_loss(
                                   teacher_bias, teacher_logits)
     if vocab_size is not None:
         w, b, u, c, t_logits = _first_entries(vocab_size, w, b, u, c, t_logits)
-    teacher_ref = _check_inputs(h, w, b, g, u, c, t_logits, teacher_indices, teacher_logprobs)
+    teacher_ref = _check_inputs(h, w, b, g, u, c, t_logits, teacher_indices, teacher_logprobs, teacher_rest_logprob)
     loss_opts = loss_options(divergence, **options)
     check_tail(tail, loss_opts.divergence)
     validate.check_labels(labels, h)
@@ -356,8 +361,9 @@ def fused_linear_kd_loss(
     t_ids, t_lp = [None if x is None else x.reshape(-1, x.shape[-1]).contiguous()
                    for x in (teacher_indices, teacher_logprobs)]
     t_ids = None if t_ids is None else t_ids.to(torch.int64)
+    t_rest = None if teacher_rest_logprob is None or tail != "bucket" else teacher_rest_logprob.reshape(-1).contiguous()
     flat_labels = None if labels is None else labels.reshape(-1).to(torch.int64).contiguous()
-    out = _FusedLinearKD.apply(flat[0], w, b, flat[1], u, c, flat[2], t_ids, t_lp, flat_labels, opts, needs)
+    out = _FusedLinearKD.apply(flat[0], w, b, flat[1], u, c, flat[2], t_ids, t_lp, t_rest, flat_labels, opts, needs)
     return out.reshape(lead) if loss_opts.reduction == "none" else out
 
 
@@ -399,12 +405,14 @@ class FusedLinearKDLoss(torch.nn.Module):
         teacher_logits: torch.Tensor | None = None,
         teacher_indices: torch.Tensor | None = None,
         teacher_logprobs: torch.Tensor | None = None,
+        teacher_rest_logprob: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, self.divergence,
                                     student_bias=student_bias, teacher_bias=teacher_bias,
                                     teacher_logits=teacher_logits, teacher_indices=teacher_indices,
-                                    teacher_logprobs=teacher_logprobs, labels=labels, **self.options)
+                                    teacher_logprobs=teacher_logprobs, teacher_rest_logprob=teacher_rest_logprob,
+                                    labels=labels, **self.options)
 
     def extra_repr(self) -> str:
         return f"divergence={self.divergence!r}, " + ", ".join(f"{k}={v!r}" for k, v in self.options.items())

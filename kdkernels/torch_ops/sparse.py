@@ -5,8 +5,10 @@ The teacher is given as ``K`` vocabulary ids per row with their log-probs (``-in
 
 - ``tail="bucket"`` (default): categories are the valid ids (ascending id order) and a rest category. Student
   category log-probs ``c_k = lq_k`` and ``c_rest = log q_rest``, ``q_rest = sum_{j not in K} q_j`` (summed over those
-  entries: never ``1 - sum_K q``); teacher category logits ``lp_k`` and ``log p_rest``,
-  ``p_rest = max(0, 1 - sum_K p)``.
+  entries: never ``1 - sum_K q``); teacher category logits ``lp_k`` and ``log p_rest``: the caller's
+  ``teacher_rest_logprob`` when given (``topk_teacher(..., return_rest=True)`` computes it from the full logits),
+  else ``log max(1 - sum_K p, REST_FLOOR)`` summed in float64 (``sparse_reference.REST_FLOOR = 2**-126``), so the
+  rest category is never dropped for a confident teacher.
 - ``tail="renormalize"``: the valid categories only.
 - ``tail="truncate"`` (fkl only): ``sum_K p_k (lp_k - lq_k)``, ``p_k = exp(lp_k)`` as given; not a divergence.
 
@@ -23,7 +25,9 @@ So the backward is one pass over ``z`` writing ``dz`` (``kernels/sparse.py``), w
 
 A row whose valid ids repeat or leave ``[0, V)`` is invalid: its loss and gradient are NaN (tensor ops, no host
 synchronisation). ``topk_teacher`` gives the ``k`` largest ``log_softmax(t / T)`` and their ids, by a streaming
-Triton kernel on CUDA tensors and a row-chunked torch path on CPU tensors (and for ``k > 256``).
+Triton kernel on CUDA tensors and a row-chunked torch path on CPU tensors (and for ``k > 256``), and on request the
+log of the mass outside them: the streaming statistics of the entries outside the ids (the bucket tail's
+``q_rest``, applied to the teacher), ``(m_r - M) / T + log s_r - log s``, exact where ``1 - sum_K p`` is not.
 """
 
 from __future__ import annotations
@@ -175,8 +179,17 @@ def _row_stats(streamed: torch.Tensor, z_k: torch.Tensor, temperature: float, re
     return stats
 
 
-def forward_rows(z, ids, lp, labels, opts: KDOptions, tail: str, backend: str, parallel=None):
+def _rest_log_mass(stats: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``log sum_{j not in K} softmax(z / T)_j`` ``(N,)`` from :func:`_row_stats`'s bucket statistics:
+    ``(m_r - M) / T + log s_r - log s`` (``-inf`` when no entry lies outside K)."""
+    return (stats[:, S_MAX_R] - stats[:, S_MAX]) / temperature + stats[:, S_LOGS_R] - stats[:, S_LOGS]
+
+
+def forward_rows(z, ids, lp, labels, opts: KDOptions, tail: str, backend: str, parallel=None, rest_lp=None):
     """``(rows (N,), stats (N, NUM_SPARSE_STATS), grad_k (N, K))`` of ``z`` ``(N, V)``, ``ids``/``lp`` ``(N, K)``.
+
+    ``rest_lp`` ``(N,)``: the teacher's log-mass outside K (bucket tail), used as given; None: ``log max(1 - sum_K p,
+    REST_FLOOR)`` from ``lp`` in float64.
 
     ``grad_k`` and the ``S_G_REST``, ``S_S`` columns are ``G`` and ``S`` per unit row gradient (NaN on invalid
     rows). The category divergence runs through the dense op's backend module. ``parallel``: ``(Shard,
@@ -204,6 +217,9 @@ def forward_rows(z, ids, lp, labels, opts: KDOptions, tail: str, backend: str, p
     stats = _row_stats(streamed, z_k, temperature, tail == "bucket")
     keep = torch.ones(n_rows, dtype=torch.bool, device=z.device) if labels is None else labels != opts.ignore_index
     lq = (z_k - stats[:, S_MAX, None]) / temperature - stats[:, S_LOGS, None]
+    if tail == "bucket" and rest_lp is None:
+        # 1 - sum_K p cancels: summed in float64 from the log-probs as given, a (N, K) op, then floored
+        rest_lp = rest_log_prob(torch.where(use, lp.to(torch.float64), NEG_INF))
     lp = torch.where(use, lp.to(dtype), NEG_INF)
     zero = torch.zeros(n_rows, dtype=dtype, device=z.device)
     if tail == "truncate":
@@ -218,11 +234,8 @@ def forward_rows(z, ids, lp, labels, opts: KDOptions, tail: str, backend: str, p
         order = torch.where(use, safe, vocab).argsort(dim=-1, stable=True)
         student, teacher = lq.gather(1, order), lp.gather(1, order)
         if tail == "bucket":
-            c_rest = (stats[:, S_MAX_R] - stats[:, S_MAX]) / temperature + stats[:, S_LOGS_R] - stats[:, S_LOGS]
-            student = torch.cat([student, c_rest[:, None]], dim=1)
-            # 1 - sum_K p cancels: summed in float64, a (N, K) op, so only its last rounding remains
-            t_rest = rest_log_prob(lp.to(torch.float64)).to(dtype)
-            teacher = torch.cat([teacher, t_rest[:, None]], dim=1)
+            student = torch.cat([student, _rest_log_mass(stats, temperature)[:, None]], dim=1)
+            teacher = torch.cat([teacher, rest_lp.to(dtype)[:, None]], dim=1)
         dense = _backend_module(backend)
         cat_opts = opts._replace(temperature=1.0, ce_weight=0.0)
         rows, cat_stats = dense.kd_forward(student, teacher, labels, cat_opts)
@@ -254,6 +267,7 @@ def sparse_forward(
     z: torch.Tensor,
     ids: torch.Tensor,
     lp: torch.Tensor,
+    rest: torch.Tensor | None,
     labels: torch.Tensor | None,
     params: torch.Tensor,
     divergence: str,
@@ -261,12 +275,13 @@ def sparse_forward(
     tail: str,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(rows (N,), stats (N, NUM_SPARSE_STATS), grad_k (N, K))``; see :func:`forward_rows`."""
-    return forward_rows(z, ids, lp, labels, from_op(params, divergence, ignore_index), tail, backend)
+    """``(rows (N,), stats (N, NUM_SPARSE_STATS), grad_k (N, K))``; ``rest`` ``(N,)`` or None: the teacher's
+    log-mass outside K; see :func:`forward_rows`."""
+    return forward_rows(z, ids, lp, labels, from_op(params, divergence, ignore_index), tail, backend, rest_lp=rest)
 
 
 @sparse_forward.register_fake
-def _(z, ids, lp, labels, params, divergence, ignore_index, tail, backend):
+def _(z, ids, lp, rest, labels, params, divergence, ignore_index, tail, backend):
     dtype = compute_dtype(z)
     n_rows = z.shape[0]
     return (z.new_empty((n_rows,), dtype=dtype), z.new_empty((n_rows, NUM_SPARSE_STATS), dtype=dtype),
@@ -300,7 +315,7 @@ def _(grad_rows, z, ids, lp, labels, stats, grad_k, params, divergence, ignore_i
 
 
 def _setup_context(ctx, inputs, output):
-    z, ids, lp, labels, params, divergence, ignore_index, tail, backend = inputs
+    z, ids, lp, _, labels, params, divergence, ignore_index, tail, backend = inputs
     ctx.save_for_backward(z, ids, lp, labels, output[1], output[2], params)
     ctx.options = (divergence, ignore_index, tail, backend)
 
@@ -310,7 +325,7 @@ def _backward(ctx, grad_rows, grad_stats, grad_grad_k):
         raise RuntimeError(SECOND_DERIVATIVE)
     z, ids, lp, labels, stats, grad_k, params = ctx.saved_tensors
     dz = sparse_backward(grad_rows, z, ids, lp, labels, stats, grad_k, params, *ctx.options)
-    return dz, None, None, None, None, None, None, None, None
+    return dz, None, None, None, None, None, None, None, None, None
 
 
 sparse_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -330,6 +345,30 @@ def topk_op(t: torch.Tensor, k: int, temperature: float, backend: str) -> tuple[
 @topk_op.register_fake
 def _(t, k, temperature, backend):
     return t.new_empty((t.shape[0], k), dtype=torch.int64), t.new_empty((t.shape[0], k), dtype=torch.float32)
+
+
+def rest_rows(t: torch.Tensor, ids: torch.Tensor, temperature: float, backend: str) -> torch.Tensor:
+    """``(N,)`` float32 ``log sum_{j not in ids} softmax(t / T)_j`` of teacher logits ``t`` ``(N, V)`` and distinct ids
+    ``(N, k)`` in ``[0, V)``: one streaming pass over the entries outside the ids (the sparse loss's own statistics
+    pass: the Triton bitmask kernel or the torch backend's row chunks), then their log-sum against the whole row's,
+    which adds the k gathered entries. Exact however small the mass (no ``1 - sum``); ``-inf`` when ``k = V``."""
+    dtype = compute_dtype(t)
+    stats_fn, _ = _stats_fn(backend)
+    use = torch.ones_like(ids, dtype=torch.bool)
+    streamed = stats_fn(t, ids, use, None, KDOptions(temperature=temperature), True).to(dtype)
+    stats = _row_stats(streamed, t.gather(1, ids).to(dtype), temperature, True)
+    return _rest_log_mass(stats, temperature).to(torch.float32)
+
+
+@torch.library.custom_op("kdkernels::topk_rest", mutates_args=())
+def rest_op(t: torch.Tensor, ids: torch.Tensor, temperature: float, backend: str) -> torch.Tensor:
+    """:func:`rest_rows` as a registered op."""
+    return rest_rows(t, ids, temperature, backend)
+
+
+@rest_op.register_fake
+def _(t, ids, temperature, backend):
+    return t.new_empty((t.shape[0],), dtype=torch.float32)
 
 
 # ------------------------------------------------------------------------------------------------ public API
@@ -357,18 +396,40 @@ def check_sparse_teacher(student: torch.Tensor, teacher_indices: object, teacher
         raise ValueError("teacher_logprobs requires grad; the teacher is a constant target: pass .detach()")
 
 
+def check_rest(student: torch.Tensor, teacher_rest_logprob: object) -> None:
+    """``teacher_rest_logprob``: None, or a float tensor of the student's leading shape ``(...)`` on its device, a
+    constant."""
+    if teacher_rest_logprob is None:
+        return
+    if not isinstance(teacher_rest_logprob, torch.Tensor):
+        raise TypeError(f"teacher_rest_logprob must be a torch.Tensor or None, got "
+                        f"{type(teacher_rest_logprob).__name__}")
+    if teacher_rest_logprob.dtype not in validate.FLOAT_DTYPES:
+        raise TypeError(f"teacher_rest_logprob must be a float tensor, got {teacher_rest_logprob.dtype}")
+    lead = tuple(student.shape[:-1])
+    if tuple(teacher_rest_logprob.shape) != lead:
+        raise ValueError(f"teacher_rest_logprob must have the student's leading shape {lead}, got "
+                         f"{tuple(teacher_rest_logprob.shape)}")
+    if teacher_rest_logprob.device != student.device:
+        raise ValueError(f"teacher_rest_logprob is on {teacher_rest_logprob.device} but the student is on "
+                         f"{student.device}")
+    if teacher_rest_logprob.requires_grad:
+        raise ValueError("teacher_rest_logprob requires grad; the teacher is a constant target: pass .detach()")
+
+
 def check_tail(tail: object, divergence: str) -> None:
     validate.check_choice("tail", tail, TAILS)
     if tail == "truncate" and divergence != "fkl":
         raise ValueError(f"tail='truncate' is defined for divergence='fkl' only, got {divergence!r}")
 
 
-def sparse_rows(z, ids, lp, labels, opts: KDOptions, tail: str, backend: str) -> torch.Tensor:
+def sparse_rows(z, ids, lp, labels, opts: KDOptions, tail: str, backend: str, rest=None) -> torch.Tensor:
     """Row losses ``(N,)`` through the registered op, on flat checked inputs (``z`` ``(N, V)``, ``ids``/``lp``
-    ``(N, K)``, ``labels`` ``(N,)`` or None); differentiable w.r.t. ``z``."""
+    ``(N, K)``, ``labels`` and ``rest`` ``(N,)`` or None); differentiable w.r.t. ``z``."""
     z = z if z.stride(-1) == 1 else z.contiguous()
-    rows, _, _ = sparse_forward(z, ids.to(torch.int64).contiguous(), lp.contiguous(), labels, *op_args(opts), tail,
-                                backend)
+    rest = None if rest is None else rest.contiguous()
+    rows, _, _ = sparse_forward(z, ids.to(torch.int64).contiguous(), lp.contiguous(), rest, labels, *op_args(opts),
+                                tail, backend)
     return rows
 
 
@@ -379,6 +440,7 @@ def sparse_kd_loss(
     divergence: str = "fkl",
     *,
     tail: str = "bucket",
+    teacher_rest_logprob: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
     backend: str = "auto",
     process_group: object = None,
@@ -393,12 +455,20 @@ def sparse_kd_loss(
         teacher_logprobs: ``(..., K)`` float, ``log p`` of the target at those ids, **as given** (the teacher's
             temperature is whatever produced them); ``-inf`` marks padding (its id is ignored). A constant.
         divergence: any of :func:`kdkernels.kd_loss`'s, evaluated on categories (see ``tail``).
-        tail: ``"bucket"`` (default): the K entries plus one rest category, ``p_rest = max(0, 1 - sum_K p)``,
-            ``q_rest = sum_{j not in K} q_j``; every student entry gets a gradient. ``"renormalize"``: the K entries
-            only, both distributions renormalised; zero gradient outside K. ``"truncate"`` (fkl only):
-            ``sum_K p (lp - lq)`` with the full-vocabulary ``lq``: not a divergence, it can be negative.
-            The teacher's category probabilities are the softmax of its category log-probs, i.e. the given ones
-            whenever they sum to at most 1 (bucket), renormalised otherwise.
+        tail: ``"bucket"`` (default): the K entries plus one rest category, ``p_rest`` (see
+            ``teacher_rest_logprob``) and ``q_rest = sum_{j not in K} q_j``; every student entry gets a gradient.
+            ``"renormalize"``: the K entries only, both distributions renormalised; zero gradient outside K.
+            ``"truncate"`` (fkl only): ``sum_K p (lp - lq)`` with the full-vocabulary ``lq``: not a divergence, it
+            can be negative. The teacher's category probabilities are the softmax of its category log-probs, i.e.
+            the given ones whenever they sum to at most 1 (bucket), renormalised otherwise.
+        teacher_rest_logprob: ``(...)`` float, ``log p_rest``: the log of the teacher's mass outside its K entries,
+            used exactly as given (``kd.topk_teacher(..., return_rest=True)`` and the top-k dump compute it from the
+            full logits; ``-inf`` means no mass outside K). None (default): ``p_rest = max(1 - sum_K p, 2**-126)``,
+            summed in float64. The floor (float32's smallest normal number,
+            ``kdkernels.torch_ops.sparse_reference.REST_FLOOR``) keeps the rest category of a confident teacher,
+            whose top-k sum to 1 in float32: a student's mass outside K is still penalised by every divergence, its
+            gradient still raises the teacher's top entries, and every value stays finite. A constant. Used by the
+            bucket tail only (the other tails have no rest category).
         labels, backend, **options: as in :func:`kdkernels.kd_loss`. ``temperature`` divides the student's logits
             only; no ``T**2`` factor. The CE term (``ce_weight``) is the cross-entropy of the raw student logits.
         process_group: ``None``, or the ``torch.distributed`` group over which the student's vocabulary is split
@@ -410,11 +480,12 @@ def sparse_kd_loss(
 
     Example::
 
-        ids, lp = kd.topk_teacher(teacher_logits, 64)              # or read from a dump
-        loss = kd.sparse_kd_loss(student_logits, ids, lp, "fkl", temperature=1.0)
+        ids, lp, rest = kd.topk_teacher(teacher_logits, 64, return_rest=True)   # or read from a dump
+        loss = kd.sparse_kd_loss(student_logits, ids, lp, "fkl", teacher_rest_logprob=rest, temperature=1.0)
     """
     validate.check_logits("student_logits", student_logits)
     check_sparse_teacher(student_logits, teacher_indices, teacher_logprobs)
+    check_rest(student_logits, teacher_rest_logprob)
     opts = loss_options(divergence, **options)
     check_tail(tail, opts.divergence)
     validate.check_labels(labels, student_logits)
@@ -425,16 +496,17 @@ def sparse_kd_loss(
 
         vocab_parallel.check_group(process_group, backend)
         return vocab_parallel.vocab_parallel_sparse_loss(student_logits, teacher_indices, teacher_logprobs, labels,
-                                                         opts, tail, backend, process_group)
+                                                         opts, tail, backend, process_group, teacher_rest_logprob)
     if backend == "reference":
         kwargs = opts._asdict()
         del kwargs["divergence"]
         return sparse_kd_loss_reference(student_logits, teacher_indices, teacher_logprobs, divergence, tail=tail,
-                                        labels=labels, **kwargs)
+                                        labels=labels, teacher_rest_logprob=teacher_rest_logprob, **kwargs)
     vocab, k = student_logits.shape[-1], teacher_indices.shape[-1]
     flat_labels = None if labels is None else labels.reshape(-1).to(torch.int64).contiguous()
+    rest = None if teacher_rest_logprob is None or tail != "bucket" else teacher_rest_logprob.reshape(-1)
     rows = sparse_rows(student_logits.reshape(-1, vocab), teacher_indices.reshape(-1, k),
-                       teacher_logprobs.reshape(-1, k), flat_labels, opts, tail, backend)
+                       teacher_logprobs.reshape(-1, k), flat_labels, opts, tail, backend, rest)
     return reduce_rows(rows, flat_labels, opts.ignore_index, opts.reduction, student_logits.shape[:-1])
 
 
@@ -445,44 +517,53 @@ def _check_k(k: object, vocab: int) -> None:
         raise ValueError(f"k must be in [1, V] = [1, {vocab}], got {k}")
 
 
-def topk_teacher(teacher_logits: torch.Tensor, k: int, *, temperature: float = 1.0,
-                 backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+def topk_teacher(teacher_logits: torch.Tensor, k: int, *, temperature: float = 1.0, return_rest: bool = False,
+                 backend: str = "auto") -> tuple[torch.Tensor, ...]:
     """The ``k`` largest entries of ``log_softmax(teacher_logits / T)`` per row, and their ids (SPEC §7).
 
     Args:
         teacher_logits: ``(..., V)`` float32/bfloat16/float16 (float64 on CPU); not differentiated.
         k: ``1 <= k <= V``.
         temperature: ``T > 0``; the returned log-probs are those of ``softmax(t / T)``.
+        return_rest: also return ``rest_logprob`` ``(...)`` float32, ``log sum_{j not in ids} softmax(t / T)_j``,
+            the log of the mass outside the k entries (``-inf`` for ``k = V``), for ``sparse_kd_loss``'s
+            ``teacher_rest_logprob``. It is summed over those entries from the logits (one more streaming pass),
+            never formed as ``1 - sum``, so it is exact to float32 rounding however small (1e-30 included).
         backend: ``"auto"`` (Triton on CUDA, torch on CPU), ``"triton"`` or ``"torch"``.
 
-    Returns ``(ids, logprobs)``, ``(..., k)`` int64 and float32, in descending order; equal values in ascending
-    id order. The Triton kernel streams each row once with a running top-k (``k <= 256``; larger ``k`` runs the
-    torch path, ``topk`` of int64 order keys a chunk of rows at a time); neither makes an ``(N, V)`` float32 copy.
+    Returns ``(ids, logprobs)`` (with ``return_rest``: ``(ids, logprobs, rest_logprob)``), ``(..., k)`` int64 and
+    float32, in descending order; equal values in ascending id order. The Triton kernel streams each row once with a
+    running top-k (``k <= 256``; larger ``k`` runs the torch path, ``topk`` of int64 order keys a chunk of rows at a
+    time); neither makes an ``(N, V)`` float32 copy.
     """
     validate.check_logits("teacher_logits", teacher_logits)
     vocab = teacher_logits.shape[-1]
     _check_k(k, vocab)
     temperature = validate.check_number("temperature", temperature, low=0.0)
+    if not isinstance(return_rest, bool):
+        raise TypeError(f"return_rest must be a bool, got {type(return_rest).__name__}")
     validate.check_choice("backend", backend, ("auto", "triton", "torch"))
     backend = validate.resolve_backend(backend, teacher_logits, teacher_logits)
     t = teacher_logits.detach().reshape(-1, vocab)
     t = t if t.stride(-1) == 1 else t.contiguous()
     ids, lp = topk_op(t, k, temperature, backend)
     lead = teacher_logits.shape[:-1]
+    if return_rest:
+        return ids.reshape(*lead, k), lp.reshape(*lead, k), rest_op(t, ids, temperature, backend).reshape(lead)
     return ids.reshape(*lead, k), lp.reshape(*lead, k)
 
 
 @torch.no_grad()
 def topk_teacher_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, k: int, *,
                              bias: torch.Tensor | None = None, temperature: float = 1.0,
-                             chunk_size: int | None = None,
-                             backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                             return_rest: bool = False, chunk_size: int | None = None,
+                             backend: str = "auto") -> tuple[torch.Tensor, ...]:
     """:func:`topk_teacher` of ``hidden @ weight.T + bias``, ``chunk_size`` tokens at a time: a dump of a teacher's
     top-k never holds its full ``(N, V)`` logits.
 
     Args:
         hidden: ``(..., H)`` last hidden states; ``weight`` ``(V, H)`` and ``bias`` ``(V,)`` the output layer.
-        k, temperature, backend: as in :func:`topk_teacher`.
+        k, temperature, return_rest, backend: as in :func:`topk_teacher` (``rest_logprob`` has shape ``(...)``).
         chunk_size: tokens per chunk; default as :func:`kdkernels.fused_linear_kd_loss` chooses it.
     """
     from kdkernels.torch_ops.fused_linear import _check_hidden, _check_weight, auto_chunk_size
@@ -499,9 +580,15 @@ def topk_teacher_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, k: int,
     flat = hidden.reshape(-1, hidden.shape[-1])
     ids = torch.empty((flat.shape[0], k), dtype=torch.int64, device=hidden.device)
     lp = torch.empty((flat.shape[0], k), dtype=torch.float32, device=hidden.device)
+    rest = torch.empty((flat.shape[0] if return_rest else 0,), dtype=torch.float32, device=hidden.device)
     for lo in range(0, flat.shape[0], step):
         part = slice(lo, lo + step)
-        ids[part], lp[part] = topk_teacher(F.linear(flat[part], weight, bias), k, temperature=temperature,
-                                           backend=backend)
+        out = topk_teacher(F.linear(flat[part], weight, bias), k, temperature=temperature, return_rest=return_rest,
+                           backend=backend)
+        ids[part], lp[part] = out[:2]
+        if return_rest:
+            rest[part] = out[2]
     lead = hidden.shape[:-1]
+    if return_rest:
+        return ids.reshape(*lead, k), lp.reshape(*lead, k), rest.reshape(lead)
     return ids.reshape(*lead, k), lp.reshape(*lead, k)

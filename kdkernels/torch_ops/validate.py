@@ -70,6 +70,9 @@ def _tensor_number(name: str, value: torch.Tensor) -> object:
 
 
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if isinstance(value, torch.Tensor):  # most likely labels given positionally, as in kd_loss(z, t, labels)
+        raise ValueError(f"{name} must be one of {choices}, got a tensor of shape {tuple(value.shape)}: labels and "
+                         f"the options are keyword-only, pass labels=...")
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 

@@ -358,8 +358,8 @@ class _VocabParallelSparseRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, ids, lp, labels, opts: KDOptions, tail: str, backend: str, shard: Shard,
-                reducer: GroupReducer):
-        rows, stats, grad_k = sparse.forward_rows(z, ids, lp, labels, opts, tail, backend, (shard, reducer))
+                reducer: GroupReducer, rest_lp):
+        rows, stats, grad_k = sparse.forward_rows(z, ids, lp, labels, opts, tail, backend, (shard, reducer), rest_lp)
         ctx.save_for_backward(z, ids, lp, labels, stats, grad_k)
         ctx.opts, ctx.tail, ctx.backend, ctx.shard = opts, tail, backend, shard
         return rows
@@ -375,14 +375,16 @@ class _VocabParallelSparseRows(torch.autograd.Function):
                          ctx.tail == "bucket")
         if labels is not None and opts.ce_weight != 0.0:
             add_ce_grad(dz, grad_rows, z, labels, stats[:, sparse.S_MAX], stats[:, sparse.S_LOGS_CE], opts, shard)
-        return dz, None, None, None, None, None, None, None, None
+        return dz, None, None, None, None, None, None, None, None, None
 
 
 def vocab_parallel_sparse_loss(student_logits: torch.Tensor, teacher_indices: torch.Tensor,
                                teacher_logprobs: torch.Tensor, labels: torch.Tensor | None, opts: KDOptions,
-                               tail: str, backend: str, process_group) -> torch.Tensor:
+                               tail: str, backend: str, process_group,
+                               teacher_rest_logprob: torch.Tensor | None = None) -> torch.Tensor:
     """``sparse_kd_loss`` of the unsharded student from this rank's slice ``(..., V_r)`` and the global top-k
-    teacher ``(..., K)`` (SPEC §7-8); arguments checked by the caller. The same loss on every rank."""
+    teacher ``(..., K)`` (SPEC §7-8), with the teacher's log-mass outside K ``(...)`` when given (bucket tail);
+    arguments checked by the caller. The same loss on every rank."""
     reducer = GroupReducer(process_group)
     width, k = student_logits.shape[-1], teacher_indices.shape[-1]
     z = student_logits.reshape(-1, width)
@@ -392,6 +394,7 @@ def vocab_parallel_sparse_loss(student_logits: torch.Tensor, teacher_indices: to
     flat_labels = None if labels is None else labels.reshape(-1).to(torch.int64).contiguous()
     shard = shard_layout(reducer, z.shape[0], width, z.device, opts.divergence, flat_labels is not None,
                          teacher_k=k, tail=sparse.TAILS.index(tail))
+    rest = None if teacher_rest_logprob is None or tail != "bucket" else teacher_rest_logprob.reshape(-1)
     rows = _VocabParallelSparseRows.apply(z, ids, lp, flat_labels, from_op(*op_args(opts)), tail, backend, shard,
-                                          reducer)
+                                          reducer, rest)
     return reduce_rows(rows, flat_labels, opts.ignore_index, opts.reduction, student_logits.shape[:-1])
