@@ -10,9 +10,10 @@ classifies entries by integer comparisons of keys, exactly alike.
    of entries below each and their mass relative to ``exp(v_0 / T)`` (at most 1, so no rescaling);
    :func:`hint_bracket` turns them into the bracket ``[LO, HI)`` where the mass below crosses ``alpha``.
 2. ``akl_refine_kernel``: rows whose bracket holds more than ``CAPACITY`` entries (flat teachers) make
-   passes over ``t`` alone; each splits the bracket's key range ``WAYS`` ways, sums the exact mass and the
-   count below each split and keeps the part where the mass crosses ``alpha``, until at most ``CAPACITY``
-   entries or one key remain (at most 4 passes for 16-bit teachers, 8 for float32).
+   passes over ``t`` alone; each splits the bracket's key range ``WAYS`` ways (half evenly in key, half in
+   value), sums the exact mass below each split and keeps the part where the mass crosses ``alpha``, until at
+   most ``CAPACITY`` entries or one key remain: the key splits bound the rounds by ``KEY_BITS / 2`` (8 for 16-bit
+   teachers, 16 for float32) whatever the teacher; smooth teachers need far fewer.
 3. ``akl_rank_kernel``: a bracket of one key with more than ``CAPACITY`` entries (a large tie group) is settled
    by rank: its ``r`` lowest-index entries are tail, ``r`` the largest with ``below + r p <= alpha``.
 4. ``finish_kernel`` (``forward.py``) sums the gaps ``|p - q|`` of the entries below / above the bracket and
@@ -53,9 +54,11 @@ from kdkernels.kernels.common import (
     log2_probs,
     order_key,
     pick,
+    refill,
     row_keep,
     store_key,
     store_row_loss,
+    stream_start,
 )
 
 
@@ -99,19 +102,38 @@ def hint_bracket(akl_row, lt_mass, thr, thr_keys, min_t, max_t, log_st, scale2, 
 
 
 @triton.jit
+def _refine_block(t_in, masses, split_k, top, max_t, log_st, scale2, KEY_BITS: tl.constexpr):
+    """``akl_refine_kernel``'s loop body: add one loaded block of ``t`` to the per-lane masses below each of the
+    8 splits (``split_k``, keys) and at or below ``top``, returned (one 1-D sum each: a ``(ways, block)`` tensor
+    would cost a shared-memory layout change a block)."""
+    m0, m1, m2, m3, m4, m5, m6, m7, mass_top = masses
+    k0, k1, k2, k3, k4, k5, k6, k7 = split_k
+    key = order_key(t_in, KEY_BITS)
+    p = tl.exp2(log2_probs(t_in.to(tl.float32), max_t, log_st, scale2))
+    return (m0 + tl.where(key < k0, p, 0.0), m1 + tl.where(key < k1, p, 0.0), m2 + tl.where(key < k2, p, 0.0),
+            m3 + tl.where(key < k3, p, 0.0), m4 + tl.where(key < k4, p, 0.0), m5 + tl.where(key < k5, p, 0.0),
+            m6 + tl.where(key < k6, p, 0.0), m7 + tl.where(key < k7, p, 0.0), mass_top + tl.where(key <= top, p, 0.0))
+
+
+@triton.jit
 def akl_refine_kernel(
     t_ptr, labels_ptr, stats_ptr, akl_ptr,
     V, stride_t, inv_t, ignore_index, akl_alpha,
     HAS_LABELS: tl.constexpr, KEY_BITS: tl.constexpr, WAYS: tl.constexpr, CAPACITY: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    MAX_ROUNDS: tl.constexpr, BLOCK_V: tl.constexpr, SLOTS: tl.constexpr,
 ):
     """Narrow the bracket of rows that may hold more than ``CAPACITY`` entries, by passes over ``t`` alone.
 
-    Each round splits the key range ``[k_lo, k_hi)`` in ``WAYS`` parts, evenly in value (the keys of evenly
-    spaced teacher values) or, when that did not halve the range, evenly in key; sums the exact mass below
-    each split and keeps the part where the mass below crosses ``alpha``, until its bound on entries
-    (``count_bound``) is at most ``CAPACITY`` or it is one key. Other rows return at once.
+    Each round splits the key range ``[k_lo, k_hi)`` at ``WAYS`` points: ``WAYS / 2`` evenly spaced in key and
+    ``WAYS / 2`` at the keys of evenly spaced teacher values (which narrow smooth distributions fastest); it sums
+    the exact mass below each split and keeps the part where the mass below crosses ``alpha``, until its bound on
+    entries (``count_bound``) is at most ``CAPACITY`` or it is one key. The key splits alone leave a part of at most
+    ``ceil(range / (WAYS / 2))`` keys, so ``MAX_ROUNDS = ceil(KEY_BITS / log2(WAYS / 2))`` rounds reach one key
+    whatever the teacher, and the loop stops there. Other rows return at once. Entries past ``V`` read as -inf
+    (mass 0). ``SLOTS`` (1 or 3): blocks held in registers (``common.stream_start``).
     """
+    KEY_WAYS: tl.constexpr = WAYS // 2
+    tl.static_assert(WAYS == 8, "the refinement keeps one sum per split: 8 of them")
     row = tl.program_id(0).to(tl.int64)
     t_row = t_ptr + row * stride_t
     stats_row = stats_ptr + row * NUM_STATS
@@ -125,47 +147,58 @@ def akl_refine_kernel(
     k_hi = load_key(akl_row + AKL_HI).to(tl.int64)
     count = tl.load(akl_row + AKL_COUNT)
     below = tl.load(akl_row + AKL_BELOW)
-    rounds = tl.load(akl_row + AKL_ROUNDS)
+    rounds = 0
     ways = tl.arange(0, WAYS)
-    by_value = k_lo >= 0  # (true) split by value first
-    while keep & (count > CAPACITY) & (k_hi - k_lo > 1):
+    part_of = (ways // 2).to(tl.int64)  # even ways split by key, odd ones by value
+    lanes = tl.arange(0, BLOCK_V)
+    while keep & (count > CAPACITY) & (k_hi - k_lo > 1) & (rounds < MAX_ROUNDS):
         v_lo = key_value(k_lo, dtype, KEY_BITS)
         v_top = key_value(k_hi - 1, dtype, KEY_BITS)
-        by_key = k_lo + ((k_hi - k_lo) * ways) // WAYS
-        spaced = v_lo + (v_top - v_lo) * (ways.to(tl.float32) / WAYS)
+        by_key = k_lo + ((k_hi - k_lo) * part_of) // KEY_WAYS
+        spaced = v_lo + (v_top - v_lo) * (part_of.to(tl.float32) / KEY_WAYS)
         spaced = tl.where(tl.abs(spaced) < 1.1754944e-38, 0.0, spaced)  # subnormals to 0: keys stay in order
         spaced = order_key(spaced.to(dtype), KEY_BITS).to(tl.int64)
-        use_value = by_value & (v_top - v_lo < float("inf"))
-        splits = tl.where(use_value, tl.minimum(tl.maximum(spaced, k_lo), k_hi), by_key)
-        splits = tl.where(ways == 0, k_lo, splits)
-        split_keys = splits.to(tl.uint32)
+        by_value = tl.where(v_top - v_lo < float("inf"), tl.minimum(tl.maximum(spaced, k_lo), k_hi), k_lo)
+        splits = tl.sort(tl.where(ways % 2 == 0, by_key, by_value))
+        keys = splits.to(tl.uint32)
+        split_k = (pick(keys, ways, 0), pick(keys, ways, 1), pick(keys, ways, 2), pick(keys, ways, 3),
+                   pick(keys, ways, 4), pick(keys, ways, 5), pick(keys, ways, 6), pick(keys, ways, 7))
         top = (k_hi - 1).to(tl.uint32)
-        mass_lt = tl.zeros([WAYS, BLOCK_V], tl.float32)  # per lane (splits first: each lane keeps its own)
-        mass_top = tl.zeros([BLOCK_V], tl.float32)
-        for start in range(0, V, BLOCK_V):
-            offs = start + tl.arange(0, BLOCK_V)
-            # past V read NaN: its key is above every split and the bracket
-            t_in = tl.load(t_row + offs, mask=offs < V, other=float("nan"))
-            key = order_key(t_in, KEY_BITS)
-            p = tl.exp2(log2_probs(t_in.to(tl.float32), max_t, log_st, scale2))
-            mass_lt += tl.where(key[None, :] < split_keys[:, None], p[None, :], 0.0)
-            mass_top += tl.where(key <= top, p, 0.0)
-        mass = tl.sum(mass_lt, axis=1)
+        zero = tl.zeros([BLOCK_V], tl.float32)  # per lane: the mass below each split, and at or below ``top``
+        masses = (zero, zero, zero, zero, zero, zero, zero, zero, zero)
+        t_a, t_b, t_c = stream_start(t_row, lanes, V, BLOCK_V, SLOTS)
+        for start in range(0, V, SLOTS * BLOCK_V):
+            offs = start + lanes
+            if SLOTS == 3:
+                masses = _refine_block(t_a, masses, split_k, top, max_t, log_st, scale2, KEY_BITS)
+                t_a = refill(t_row, offs + 3 * BLOCK_V, V)
+                masses = _refine_block(t_b, masses, split_k, top, max_t, log_st, scale2, KEY_BITS)
+                t_b = refill(t_row, offs + 4 * BLOCK_V, V)
+                masses = _refine_block(t_c, masses, split_k, top, max_t, log_st, scale2, KEY_BITS)
+                t_c = refill(t_row, offs + 5 * BLOCK_V, V)
+            else:
+                t_in = t_a
+                t_a = refill(t_row, offs + BLOCK_V, V)
+                masses = _refine_block(t_in, masses, split_k, top, max_t, log_st, scale2, KEY_BITS)
+        m0, m1, m2, m3, m4, m5, m6, m7, mass_top = masses
+        mass = tl.where(ways == 0, tl.sum(m0, axis=0), tl.where(ways == 1, tl.sum(m1, axis=0), tl.where(
+            ways == 2, tl.sum(m2, axis=0), tl.where(ways == 3, tl.sum(m3, axis=0), tl.where(
+                ways == 4, tl.sum(m4, axis=0), tl.where(ways == 5, tl.sum(m5, axis=0), tl.where(
+                    ways == 6, tl.sum(m6, axis=0), tl.sum(m7, axis=0))))))))
+        # the last split with the mass below it <= alpha: the next one is above it (equal splits, equal masses)
         part = tl.maximum(tl.sum((mass <= akl_alpha).to(tl.int32), axis=0) - 1, 0)
         mass_hi = tl.where(part == WAYS - 1, tl.sum(mass_top, axis=0), pick(mass, ways, part + 1))
         below = pick(mass, ways, part)
         new_lo = pick(splits, ways, part)
-        new_hi = tl.where(part == WAYS - 1, k_hi, pick(splits, ways, part + 1))
-        by_value = 2 * (new_hi - new_lo) <= k_hi - k_lo
+        k_hi = tl.where(part == WAYS - 1, k_hi, pick(splits, ways, part + 1))
         k_lo = new_lo
-        k_hi = new_hi
         count = count_bound(mass_hi - below, key_value(k_lo, dtype, KEY_BITS), max_t, log_st, scale2)
-        rounds += 1.0
+        rounds += 1
     store_key(akl_row + AKL_LO, k_lo)
     store_key(akl_row + AKL_HI, k_hi)
     tl.store(akl_row + AKL_COUNT, count)
     tl.store(akl_row + AKL_BELOW, below)
-    tl.store(akl_row + AKL_ROUNDS, rounds)
+    tl.store(akl_row + AKL_ROUNDS, rounds.to(tl.float32))
 
 
 @triton.jit

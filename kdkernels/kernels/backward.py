@@ -42,12 +42,71 @@ from kdkernels.kernels.common import (
     TODI,
     TODI_S,
     TVD,
-    load_block,
     log2_probs,
     mixture,
+    refill,
     row_keep,
+    stream_start,
     todi_weights,
 )
+
+
+@triton.jit
+def _grad_block(z_in, t_in, offs, V, dz_row, scale2, max_z, log_sz, max_t, log_st, mass_p, r_plus_q, r_h, r_t, s_ab,
+                q_g, scale_kd, scale_ce, target, max_c, log_sc, todi_beta, w_x, w_y, DIVERGENCE: tl.constexpr,
+                HAS_CE: tl.constexpr, CE_SHARES_Z: tl.constexpr):
+    """Write the gradient of one block of a row (``grad_kernel``'s loop body): ``z_in``, ``t_in`` the loaded block,
+    ``offs`` its indices; the scalars are the row's statistics and scales (unused ones are ignored)."""
+    MIXTURE: tl.constexpr = (DIVERGENCE == SFKL) or (DIVERGENCE == SRKL) or (DIVERGENCE == JSD)
+    NEED_F: tl.constexpr = (DIVERGENCE == FKL) or (DIVERGENCE == AKL)
+    NEED_R: tl.constexpr = (DIVERGENCE == RKL) or (DIVERGENCE == AKL)
+    inb = offs < V
+    z = z_in.to(tl.float32)
+    t = t_in.to(tl.float32)
+    lq2 = log2_probs(z, max_z, log_sz, scale2)
+    lp2 = log2_probs(t, max_t, log_st, scale2)
+    if DIVERGENCE == SRKL:
+        q, p, lxm, lym = mixture(lq2, lp2, w_x, w_y)
+    elif MIXTURE:
+        p, q, lxm, lym = mixture(lp2, lq2, w_x, w_y)
+    else:
+        q = tl.exp2(lq2)
+        p = tl.exp2(lp2)
+    live = (z != float("-inf")) & (t != float("-inf"))
+    if NEED_R or (DIVERGENCE == TODI):
+        d = (lq2 - lp2) * LN2
+    if NEED_F:
+        g_f = q * mass_p - tl.where(live, p, 0.0)
+    if NEED_R:
+        g_r = tl.where(live, q * (d + 1.0), 0.0) - q * r_plus_q
+    if DIVERGENCE == FKL:
+        g_div = g_f
+    elif DIVERGENCE == RKL:
+        g_div = g_r
+    elif DIVERGENCE == AKL:
+        g_div = r_h * g_f + r_t * g_r
+    elif DIVERGENCE == TODI:
+        w, c = todi_weights(todi_beta * d)
+        g_div = tl.where(live, c * q * (d + 1.0) - w * p, 0.0) + q * s_ab
+    else:
+        if DIVERGENCE == SFKL:
+            qg = -w_y * (q * tl.exp2(lxm))
+        elif DIVERGENCE == SRKL:
+            qg = LN2 * (q * lxm) + w_y * (p * tl.exp2(lxm))
+        elif DIVERGENCE == JSD:
+            qg = LN2 * w_y * (q * lym)
+        else:
+            gap = q - p
+            qg = 0.5 * tl.where(gap > 0.0, q, tl.where(gap < 0.0, -q, gap))  # gap: 0, or NaN
+        g_div = tl.where(live, qg, 0.0) - q * q_g
+    grad = scale_kd * g_div
+    if HAS_CE:
+        if CE_SHARES_Z:
+            soft = q
+        else:
+            soft = tl.exp2(log2_probs(z, max_c, log_sc, LOG2E))
+        grad += scale_ce * (soft - tl.where(offs == target, 1.0, 0.0))
+    tl.store(dz_row + offs, grad.to(dz_row.dtype.element_ty), mask=inb)
 
 
 @triton.jit
@@ -56,16 +115,27 @@ def grad_kernel(
     V, stride_z, stride_t, stride_dz, inv_t, ignore_index, kd_weight, ce_weight, todi_beta,
     w_x, w_y,
     DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, CE_SHARES_Z: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    BLOCK_V: tl.constexpr, SLOTS: tl.constexpr,
 ):
     """dz: (N, V) in the student's dtype at ``stride_dz``; grad_rows: (N,) float32.
 
     ``CE_SHARES_Z``: T == 1, so ``softmax(z)`` is ``q``. ``w_x, w_y``: the mixture weights of
-    ``forward.finish_kernel`` (sfkl, srkl, jsd).
+    ``forward.finish_kernel`` (sfkl, srkl, jsd). ``SLOTS`` (1 or 3): blocks held in registers (``common.py``,
+    :func:`stream_start`).
     """
     MIXTURE: tl.constexpr = (DIVERGENCE == SFKL) or (DIVERGENCE == SRKL) or (DIVERGENCE == JSD)
     NEED_F: tl.constexpr = (DIVERGENCE == FKL) or (DIVERGENCE == AKL)
     NEED_R: tl.constexpr = (DIVERGENCE == RKL) or (DIVERGENCE == AKL)
+    mass_p = 0.0  # the row's statistics, loaded below where the divergence uses them
+    r_plus_q = 0.0
+    r_h = 0.0
+    r_t = 0.0
+    s_ab = 0.0
+    q_g = 0.0
+    target = 0
+    scale_ce = 0.0
+    max_c = 0.0
+    log_sc = 0.0
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * stride_z
     t_row = t_ptr + row * stride_t
@@ -98,53 +168,33 @@ def grad_kernel(
         scale_ce = tl.where(keep, tl.where(valid, g * ce_weight, float("nan")), 0.0)
         max_c = tl.load(stats_row + MAX_CE)
         log_sc = tl.load(stats_row + LOGS_CE)
-    for start in range(0, V, BLOCK_V):
-        offs = start + tl.arange(0, BLOCK_V)
-        inb = offs < V
-        read = offs < limit
-        z = load_block(z_row, offs, read).to(tl.float32)
-        t = load_block(t_row, offs, read).to(tl.float32)
-        lq2 = log2_probs(z, max_z, log_sz, scale2)
-        lp2 = log2_probs(t, max_t, log_st, scale2)
-        if DIVERGENCE == SRKL:
-            q, p, lxm, lym = mixture(lq2, lp2, w_x, w_y)
-        elif MIXTURE:
-            p, q, lxm, lym = mixture(lp2, lq2, w_x, w_y)
+    lanes = tl.arange(0, BLOCK_V)
+    z_a, z_b, z_c = stream_start(z_row, lanes, limit, BLOCK_V, SLOTS)
+    t_a, t_b, t_c = stream_start(t_row, lanes, limit, BLOCK_V, SLOTS)
+    for start in range(0, V, SLOTS * BLOCK_V):
+        offs = start + lanes
+        if SLOTS == 3:
+            _grad_block(z_a, t_a, offs, V, dz_row, scale2, max_z, log_sz, max_t, log_st, mass_p, r_plus_q, r_h,
+                        r_t, s_ab, q_g, scale_kd, scale_ce, target, max_c, log_sc, todi_beta, w_x, w_y, DIVERGENCE,
+                        HAS_CE, CE_SHARES_Z)
+            z_a = refill(z_row, offs + 3 * BLOCK_V, limit)
+            t_a = refill(t_row, offs + 3 * BLOCK_V, limit)
+            _grad_block(z_b, t_b, offs + BLOCK_V, V, dz_row, scale2, max_z, log_sz, max_t, log_st, mass_p, r_plus_q,
+                        r_h, r_t, s_ab, q_g, scale_kd, scale_ce, target, max_c, log_sc, todi_beta, w_x, w_y,
+                        DIVERGENCE, HAS_CE, CE_SHARES_Z)
+            z_b = refill(z_row, offs + 4 * BLOCK_V, limit)
+            t_b = refill(t_row, offs + 4 * BLOCK_V, limit)
+            _grad_block(z_c, t_c, offs + 2 * BLOCK_V, V, dz_row, scale2, max_z, log_sz, max_t, log_st, mass_p,
+                        r_plus_q, r_h, r_t, s_ab, q_g, scale_kd, scale_ce, target, max_c, log_sc, todi_beta, w_x,
+                        w_y, DIVERGENCE, HAS_CE, CE_SHARES_Z)
+            z_c = refill(z_row, offs + 5 * BLOCK_V, limit)
+            t_c = refill(t_row, offs + 5 * BLOCK_V, limit)
         else:
-            q = tl.exp2(lq2)
-            p = tl.exp2(lp2)
-        live = (z != float("-inf")) & (t != float("-inf"))
-        if NEED_R or (DIVERGENCE == TODI):
-            d = (lq2 - lp2) * LN2
-        if NEED_F:
-            g_f = q * mass_p - tl.where(live, p, 0.0)
-        if NEED_R:
-            g_r = tl.where(live, q * (d + 1.0), 0.0) - q * r_plus_q
-        if DIVERGENCE == FKL:
-            g_div = g_f
-        elif DIVERGENCE == RKL:
-            g_div = g_r
-        elif DIVERGENCE == AKL:
-            g_div = r_h * g_f + r_t * g_r
-        elif DIVERGENCE == TODI:
-            w, c = todi_weights(todi_beta * d)
-            g_div = tl.where(live, c * q * (d + 1.0) - w * p, 0.0) + q * s_ab
-        else:
-            if DIVERGENCE == SFKL:
-                qg = -w_y * (q * tl.exp2(lxm))
-            elif DIVERGENCE == SRKL:
-                qg = LN2 * (q * lxm) + w_y * (p * tl.exp2(lxm))
-            elif DIVERGENCE == JSD:
-                qg = LN2 * w_y * (q * lym)
-            else:
-                gap = q - p
-                qg = 0.5 * tl.where(gap > 0.0, q, tl.where(gap < 0.0, -q, gap))  # gap: 0, or NaN
-            g_div = tl.where(live, qg, 0.0) - q * q_g
-        grad = scale_kd * g_div
-        if HAS_CE:
-            if CE_SHARES_Z:
-                soft = q
-            else:
-                soft = tl.exp2(log2_probs(z, max_c, log_sc, LOG2E))
-            grad += scale_ce * (soft - tl.where(offs == target, 1.0, 0.0))
-        tl.store(dz_row + offs, grad.to(dz_ptr.dtype.element_ty), mask=inb)
+            z_in = z_a
+            t_in = t_a
+            z_a = refill(z_row, offs + BLOCK_V, limit)
+            t_a = refill(t_row, offs + BLOCK_V, limit)
+            _grad_block(z_in, t_in, offs, V, dz_row, scale2, max_z, log_sz, max_t, log_st, mass_p, r_plus_q, r_h,
+                        r_t, s_ab, q_g, scale_kd, scale_ce, target, max_c, log_sc, todi_beta, w_x, w_y, DIVERGENCE,
+                        HAS_CE, CE_SHARES_Z)
+

@@ -55,6 +55,9 @@ MUFU_LOG2 = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+# Where per-lane running maxima start: -finfo(float32).max, finite, so that no difference of a maximum and an entry
+# is inf - inf; an entry of -inf never raises it, an entry of finfo.min equals it.
+FLOOR = tl.constexpr(-3.4028234663852886e38)
 
 
 @triton.jit
@@ -78,6 +81,61 @@ def store_row_loss(loss_ptr, row, keep, div, stats_row, kd_weight, ce_weight, HA
 def load_block(row_ptr, offs, inb):
     """Load a block of one row in its own dtype; entries past the read limit read as -inf."""
     return tl.load(row_ptr + offs, mask=inb, other=float("-inf"))
+
+
+@triton.jit
+def lane_update(m, s, x, scale2):
+    """Add one entry ``x`` per lane to running per-lane maxima ``m`` and sums ``s = sum 2^((x_j - m) k)``
+    (``k = scale2``), with one ``exp2``: returns ``m' = max(m, x)``, ``s'``, ``up = x > m``,
+    ``d = -|x - m| k`` (``(min(m, x) - m') k``, <= 0) and ``e = 2^d``. When ``x`` is the new maximum,
+    ``s' = s e + 1`` (the old terms rescaled); otherwise ``s' = s + e`` (``d`` is the new entry's centred log2
+    weight). A -inf entry adds 0; a NaN entry
+    leaves ``m`` and makes ``s`` NaN; a +inf one becomes the maximum, and :func:`lane_total` turns it into NaN.
+    No block-wide reduction: the lanes are combined once per row."""
+    up = x > m
+    hi = tl.where(up, x, m)
+    d = tl.abs(x - m) * -scale2
+    e = tl.exp2(d)
+    return hi, tl.where(up, s * e + 1.0, s + e), up, d, e
+
+
+@triton.jit
+def lane_total(m, s, scale2):
+    """Combine per-lane running maxima and sums (:func:`lane_update`) into the row's: ``(M, S)`` with
+    ``M = max m`` (``FLOOR`` for a row without a finite entry) and ``S = sum_lanes s 2^((m - M) k)``."""
+    row_max = tl.max(m, axis=0)
+    return row_max, tl.sum(s * tl.exp2((m - row_max) * scale2), axis=0)
+
+
+@triton.jit
+def stored_max(row_max, total):
+    """The row maximum as stored in ``stats``: 0 for a row with nothing to sum (no finite entry, or ignored)."""
+    return tl.where(total == 0, 0.0, row_max)
+
+
+@triton.jit
+def refill(row_ptr, offs, limit):
+    """Issue the load of the block of a row at ``offs`` (-inf at and past ``limit``)."""
+    return load_block(row_ptr, offs, offs < limit)
+
+
+@triton.jit
+def stream_start(row_ptr, lanes, limit, BLOCK_V: tl.constexpr, SLOTS: tl.constexpr):
+    """The first ``SLOTS`` (1 or 3) blocks of a streamed row, ``(a, b, c)`` (``b`` and ``c`` repeat ``a`` when
+    ``SLOTS`` is 1).
+
+    The streaming loops keep their loads in flight while they compute (software pipelining in registers). With 3
+    slots a loop iteration handles 3 blocks, and refills each slot with the block 3 on as soon as it has used it, so
+    two blocks are in flight while one is used, and no register that a load is filling is copied (a copy would wait
+    for the load). With 1 slot, each iteration issues the next block's load before it uses the current one (the
+    copy at the end of the iteration waits for it): one block in flight, enough for 8-byte elements."""
+    a = load_block(row_ptr, lanes, lanes < limit)
+    b = a
+    c = a
+    if SLOTS == 3:
+        b = load_block(row_ptr, BLOCK_V + lanes, BLOCK_V + lanes < limit)
+        c = load_block(row_ptr, 2 * BLOCK_V + lanes, 2 * BLOCK_V + lanes < limit)
+    return a, b, c
 
 
 @triton.jit

@@ -36,6 +36,7 @@ from kdkernels.kernels.common import (
     CE,
     FKL,
     FKL_COL,
+    FLOOR,
     JSD,
     LN2,
     LOG2E,
@@ -56,18 +57,66 @@ from kdkernels.kernels.common import (
     TODI,
     TODI_S,
     TVD,
-    load_block,
+    lane_total,
+    lane_update,
     load_key,
     log2_probs,
     mixture,
     order_key,
-    rescale,
+    pick,
+    refill,
     row_keep,
     safe_log,
     safe_max,
     store_row_loss,
+    stored_max,
+    stream_start,
     todi_weights,
 )
+
+
+@triton.jit
+def _stats_block(z_in, t_in, offs, limit, state, scale2, ce_scale, thr_k, thr_top, DIVERGENCE: tl.constexpr,
+                 OWN_CE: tl.constexpr, KEY_BITS: tl.constexpr):
+    """``stats_kernel``'s loop body: add one loaded block (indices ``offs``) to the per-lane state, returned."""
+    m_z, m_t, s_z, s_t, s_c, a_f, p_s, a_r, q_s, lt_mass, min_t = state
+    NEED_F: tl.constexpr = DIVERGENCE == FKL
+    NEED_R: tl.constexpr = DIVERGENCE == RKL
+    z = z_in.to(tl.float32)
+    t = t_in.to(tl.float32)
+    mz_new, s_z, up_z, d_z, e_z = lane_update(m_z, s_z, z, scale2)
+    mt_new, s_t, up_t, d_t, e_t = lane_update(m_t, s_t, t, scale2)
+    if NEED_F or NEED_R:
+        live = (z != float("-inf")) & (t != float("-inf"))
+        # the entry's c_t - c_z at the new maxima, and how the old terms' centred differences move
+        c_new = tl.where(up_t, 0.0, d_t) - tl.where(up_z, 0.0, d_z)
+        shift = tl.where(up_t, d_t, 0.0) - tl.where(up_z, d_z, 0.0)
+        c_new = tl.where(live, c_new, 0.0)
+        one = tl.where(live, 1.0, 0.0)
+    if NEED_F:
+        # no old terms (p_s = 0) while a lane has no live entry: its shift may be infinite
+        moved = a_f + tl.where(p_s == 0, 0.0, p_s * shift)
+        a_f = tl.where(up_t, e_t * moved + c_new, moved + e_t * c_new)
+        p_s = tl.where(up_t, e_t * p_s + one, p_s + e_t * one)
+    if NEED_R:
+        moved = a_r - tl.where(q_s == 0, 0.0, q_s * shift)
+        a_r = tl.where(up_z, e_z * moved - c_new, moved - e_z * c_new)
+        q_s = tl.where(up_z, e_z * q_s + one, q_s + e_z * one)
+    if OWN_CE:
+        e_c = tl.exp2(d_z * ce_scale)
+        s_c = tl.where(up_z, s_c * e_c + 1.0, s_c + e_c)
+    if DIVERGENCE == AKL:
+        # one 1-D sum per threshold (a (bins, block) tensor would cost a shared-memory layout change a block)
+        key = order_key(t_in, KEY_BITS)  # past V: -inf, mass 0
+        e_top = tl.exp2((t - thr_top) * scale2)
+        lt0, lt1, lt2, lt3 = lt_mass
+        k0, k1, k2, k3 = thr_k
+        lt_mass = (lt0 + tl.where(key < k0, e_top, 0.0), lt1 + tl.where(key < k1, e_top, 0.0),
+                   lt2 + tl.where(key < k2, e_top, 0.0), lt3 + tl.where(key < k3, e_top, 0.0))
+        min_t = tl.minimum(min_t, tl.where(offs < limit, t, float("inf")))
+    m_z = mz_new
+    m_t = mt_new
+    return (m_z, m_t, s_z, s_t, s_c, a_f, p_s, a_r, q_s, lt_mass, min_t)
 
 
 @triton.jit
@@ -75,14 +124,20 @@ def stats_kernel(
     z_ptr, t_ptr, labels_ptr, loss_ptr, stats_ptr, akl_ptr,
     V, stride_z, stride_t, inv_t, ignore_index, kd_weight, ce_weight, akl_alpha, hint_width,
     DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, CE_SHARES_Z: tl.constexpr,
-    KEY_BITS: tl.constexpr, HINT_BINS: tl.constexpr, BLOCK_V: tl.constexpr,
+    KEY_BITS: tl.constexpr, HINT_BINS: tl.constexpr, BLOCK_V: tl.constexpr, SLOTS: tl.constexpr,
 ):
     """First pass: row maxima and log-sums, CE, ``P``, ``F`` (fkl), ``Q``, ``R`` (rkl), AKL's bracket.
 
     z, t: (N, V) rows at ``stride_z``/``stride_t``; labels: (N,) int64 if HAS_LABELS; loss: (N,) float32
     (written for fkl/rkl); stats: (N, NUM_STATS) float32; akl: (N, AKL_COLS) float32 (AKL only).
     ``CE_SHARES_Z``: T == 1, so the CE term's log-sum-exp is the student's. ``hint_width``: AKL's ``W``
-    (``akl.py``), ``KEY_BITS`` the width of the teacher's order keys.
+    (``akl.py``), ``KEY_BITS`` the width of the teacher's order keys. ``SLOTS`` (1 or 3): blocks held in registers
+    (``common.stream_start``).
+
+    Every lane keeps its own running maxima of ``z`` and ``t`` and the sums centred on them (:func:`lane_update`),
+    so the loop has no block-wide reduction; fkl's ``a_f = sum_m e_t (c_t - c_z)`` (``c`` the centred log2
+    weights, ``e_t = 2^c_t``) moves with both maxima by ``shift = (mt - mt') k - (mz - mz') k``, rkl's ``a_r``
+    alike.
     """
     NEED_F: tl.constexpr = DIVERGENCE == FKL  # AKL sums F and R in its finish pass
     NEED_R: tl.constexpr = DIVERGENCE == RKL
@@ -94,102 +149,98 @@ def stats_kernel(
     keep = row_keep(labels_ptr, row, ignore_index, HAS_LABELS)
     limit = tl.where(keep, V, 0)  # ignored rows read nothing
     scale2 = inv_t * LOG2E
+    ce_scale = 1.0 / inv_t  # from the student's log2 weights at T to those at 1
+    lanes = tl.arange(0, BLOCK_V)
 
-    m_z = float("-inf")
-    m_t = float("-inf")
-    m_c = float("-inf")
+    m_z = tl.full([BLOCK_V], FLOOR, tl.float32)
+    m_t = tl.full([BLOCK_V], FLOOR, tl.float32)
     s_z = tl.zeros([BLOCK_V], tl.float32)
     s_t = tl.zeros([BLOCK_V], tl.float32)
     s_c = tl.zeros([BLOCK_V], tl.float32)
-    a_f = tl.zeros([BLOCK_V], tl.float32)  # sum_m e_t (c_t - c_z), c = centred log2 logits
+    a_f = tl.zeros([BLOCK_V], tl.float32)  # sum_m e_t (c_t - c_z), c = log2 weights centred on the lane maxima
     p_s = tl.zeros([BLOCK_V], tl.float32)  # sum_m e_t
     a_r = tl.zeros([BLOCK_V], tl.float32)  # sum_m e_z (c_z - c_t)
     q_s = tl.zeros([BLOCK_V], tl.float32)  # sum_m e_z
+    z_a, z_b, z_c = stream_start(z_row, lanes, limit, BLOCK_V, SLOTS)
+    t_a, t_b, t_c = stream_start(t_row, lanes, limit, BLOCK_V, SLOTS)
     bins = tl.arange(0, HINT_BINS)
-    # AKL: per lane, mass below each threshold (thresholds first: each lane keeps its own) and smallest logit
-    lt_mass = tl.zeros([HINT_BINS, BLOCK_V], tl.float32)
+    # AKL: per lane, mass below each threshold (thresholds first: each lane keeps its own) and smallest logit;
+    # the thresholds are fixed by the first block's maximum, their masses relative to the top one (never above 1)
+    tl.static_assert(HINT_BINS == 4, "the stats pass keeps one sum per threshold: 4 of them")
+    lt_mass = (tl.zeros([BLOCK_V], tl.float32), tl.zeros([BLOCK_V], tl.float32), tl.zeros([BLOCK_V], tl.float32),
+               tl.zeros([BLOCK_V], tl.float32))
     min_t = tl.full([BLOCK_V], float("inf"), tl.float32)
     thr = tl.zeros([HINT_BINS], tl.float32)
     thr_keys = tl.zeros([HINT_BINS], tl.uint32)
-    for start in range(0, V, BLOCK_V):
-        offs = start + tl.arange(0, BLOCK_V)
-        inb = offs < limit
-        z = load_block(z_row, offs, inb).to(tl.float32)
-        t_in = load_block(t_row, offs, inb)
-        t = t_in.to(tl.float32)
-        mz_new = tl.maximum(m_z, tl.max(z, axis=0))
-        mt_new = tl.maximum(m_t, tl.max(t, axis=0))
-        rz_old = safe_max(m_z)
-        rt_old = safe_max(m_t)
-        rz = safe_max(mz_new)
-        rt = safe_max(mt_new)
-        scale_z = rescale(rz_old, rz, scale2)
-        scale_t = rescale(rt_old, rt, scale2)
-        c_z = (z - rz) * scale2
-        c_t = (t - rt) * scale2
-        e_z = tl.exp2(c_z)
-        e_t = tl.exp2(c_t)
-        s_z = s_z * scale_z + e_z
-        s_t = s_t * scale_t + e_t
-        if NEED_F or NEED_R:
-            live = (z != float("-inf")) & (t != float("-inf"))
-            diff = c_t - c_z
-            # moves old centred differences to the new maxima (no old terms while either row had no finite entry)
-            shift = tl.where((m_t == float("-inf")) | (m_z == float("-inf")), 0.0,
-                             ((rt_old - rt) - (rz_old - rz)) * scale2)
-        if NEED_F:
-            a_f = scale_t * (a_f + p_s * shift) + tl.where(live, e_t * diff, 0.0)
-            p_s = p_s * scale_t + tl.where(live, e_t, 0.0)
-        if NEED_R:
-            a_r = scale_z * (a_r - q_s * shift) - tl.where(live, e_z * diff, 0.0)
-            q_s = q_s * scale_z + tl.where(live, e_z, 0.0)
-        if OWN_CE:
-            mc_new = tl.maximum(m_c, tl.max(z, axis=0))
-            rc = safe_max(mc_new)
-            s_c = s_c * rescale(safe_max(m_c), rc, LOG2E) + tl.exp2((z - rc) * LOG2E)
-            m_c = mc_new
-        if DIVERGENCE == AKL:
-            # thresholds fixed by the first block's maximum; masses relative to the top one (never above 1)
-            values, keys = hint_thresholds(rt, hint_width, bins, t_ptr.dtype.element_ty, KEY_BITS)
-            thr = tl.where(start == 0, values, thr)
-            thr_keys = tl.where(start == 0, keys, thr_keys)
-            below = order_key(t_in, KEY_BITS)[None, :] < thr_keys[:, None]  # past V: -inf, mass 0
-            e_top = tl.exp2((t - tl.max(thr, axis=0)) * scale2)  # at most 1 below the thresholds
-            lt_mass += tl.where(below, e_top[None, :], 0.0)
-            min_t = tl.minimum(min_t, tl.where(inb, t, float("inf")))
-        m_z = mz_new
-        m_t = mt_new
+    thr_top = 0.0
+    if DIVERGENCE == AKL:
+        thr, thr_keys = hint_thresholds(safe_max(tl.max(t_a.to(tl.float32), axis=0)), hint_width, bins,
+                                        t_ptr.dtype.element_ty, KEY_BITS)
+        thr_top = tl.max(thr, axis=0)
+    thr_k = (pick(thr_keys, bins, 0), pick(thr_keys, bins, 1), pick(thr_keys, bins, 2), pick(thr_keys, bins, 3))
+    state = (m_z, m_t, s_z, s_t, s_c, a_f, p_s, a_r, q_s, lt_mass, min_t)
+    for start in range(0, V, SLOTS * BLOCK_V):
+        offs = start + lanes
+        if SLOTS == 3:
+            state = _stats_block(z_a, t_a, offs, limit, state, scale2, ce_scale, thr_k, thr_top, DIVERGENCE,
+                                 OWN_CE, KEY_BITS)
+            z_a = refill(z_row, offs + 3 * BLOCK_V, limit)
+            t_a = refill(t_row, offs + 3 * BLOCK_V, limit)
+            state = _stats_block(z_b, t_b, offs + BLOCK_V, limit, state, scale2, ce_scale, thr_k, thr_top,
+                                 DIVERGENCE, OWN_CE, KEY_BITS)
+            z_b = refill(z_row, offs + 4 * BLOCK_V, limit)
+            t_b = refill(t_row, offs + 4 * BLOCK_V, limit)
+            state = _stats_block(z_c, t_c, offs + 2 * BLOCK_V, limit, state, scale2, ce_scale, thr_k, thr_top,
+                                 DIVERGENCE, OWN_CE, KEY_BITS)
+            z_c = refill(z_row, offs + 5 * BLOCK_V, limit)
+            t_c = refill(t_row, offs + 5 * BLOCK_V, limit)
+        else:
+            z_in = z_a
+            t_in = t_a
+            z_a = refill(z_row, offs + BLOCK_V, limit)
+            t_a = refill(t_row, offs + BLOCK_V, limit)
+            state = _stats_block(z_in, t_in, offs, limit, state, scale2, ce_scale, thr_k, thr_top, DIVERGENCE,
+                                 OWN_CE, KEY_BITS)
+    m_z, m_t, s_z, s_t, s_c, a_f, p_s, a_r, q_s, lt_mass, min_t = state
 
-    sum_z = tl.sum(s_z, axis=0)
-    sum_t = tl.sum(s_t, axis=0)
+    max_z, sum_z = lane_total(m_z, s_z, scale2)
+    max_t, sum_t = lane_total(m_t, s_t, scale2)
     log_sz = safe_log(sum_z)
     log_st = safe_log(sum_t)
-    tl.store(stats_row + MAX_Z, safe_max(m_z))
+    tl.store(stats_row + MAX_Z, stored_max(max_z, sum_z))
     tl.store(stats_row + LOGS_Z, log_sz)
-    tl.store(stats_row + MAX_T, safe_max(m_t))
+    tl.store(stats_row + MAX_T, stored_max(max_t, sum_t))
     tl.store(stats_row + LOGS_T, log_st)
     div = 0.0
+    if NEED_F or NEED_R:
+        # each lane's sums moved from its own maxima to the row's
+        w_t = tl.exp2((m_t - max_t) * scale2)
+        w_z = tl.exp2((m_z - max_z) * scale2)
+        lane_shift = ((m_t - max_t) - (m_z - max_z)) * scale2
     if NEED_F:
-        raw = tl.sum(p_s, axis=0)
+        raw = tl.sum(w_t * p_s, axis=0)
+        a_sum = tl.sum(w_t * (a_f + tl.where(p_s == 0, 0.0, p_s * lane_shift)), axis=0)
         mass_p = tl.where(raw == 0, 0.0, raw / sum_t)  # NaN stays NaN
-        fkl = tl.where(raw == 0, 0.0, LN2 * tl.sum(a_f, axis=0) / sum_t - mass_p * (log_st - log_sz))
+        fkl = tl.where(raw == 0, 0.0, LN2 * a_sum / sum_t - mass_p * (log_st - log_sz))
         tl.store(stats_row + MASS_P, mass_p)
         tl.store(stats_row + FKL_COL, fkl)
         div = fkl
     if NEED_R:
-        raw = tl.sum(q_s, axis=0)
+        raw = tl.sum(w_z * q_s, axis=0)
+        a_sum = tl.sum(w_z * (a_r - tl.where(q_s == 0, 0.0, q_s * lane_shift)), axis=0)
         mass_q = tl.where(raw == 0, 0.0, raw / sum_z)
-        rkl = tl.where(raw == 0, 0.0, LN2 * tl.sum(a_r, axis=0) / sum_z - mass_q * (log_sz - log_st))
+        rkl = tl.where(raw == 0, 0.0, LN2 * a_sum / sum_z - mass_q * (log_sz - log_st))
         tl.store(stats_row + MASS_Q, mass_q)
         tl.store(stats_row + RKL_COL, rkl)
         div = rkl
     if HAS_CE:
         if CE_SHARES_Z:
-            max_c = safe_max(m_z)
+            max_c = stored_max(max_z, sum_z)
             log_sc = log_sz
         else:
-            max_c = safe_max(m_c)
-            log_sc = safe_log(tl.sum(s_c, axis=0))
+            sum_c = tl.sum(s_c * tl.exp2((m_z - max_z) * LOG2E), axis=0)
+            max_c = stored_max(max_z, sum_c)
+            log_sc = safe_log(sum_c)
         label = tl.load(labels_ptr + row)
         valid = (label >= 0) & (label < V)
         z_label = tl.load(z_row + tl.where(valid, label, 0)).to(tl.float32)
@@ -197,12 +248,80 @@ def stats_kernel(
         tl.store(stats_row + LOGS_CE, log_sc)
         tl.store(stats_row + CE, tl.where(valid, (max_c - z_label) + log_sc, float("nan")))
     if DIVERGENCE == AKL:
-        top_scale = tl.exp2((tl.max(thr, axis=0) - safe_max(m_t)) * scale2) / sum_t  # to probabilities
-        hint_bracket(akl_ptr + row * AKL_COLS, tl.sum(lt_mass, axis=1) * top_scale, thr, thr_keys,
-                     tl.min(min_t, axis=0), safe_max(m_t), log_st, scale2, akl_alpha, t_ptr.dtype.element_ty,
+        stored_t = stored_max(max_t, sum_t)
+        top_scale = tl.exp2((thr_top - stored_t) * scale2) / sum_t  # to probabilities
+        lt0, lt1, lt2, lt3 = lt_mass
+        below = tl.where(bins == 0, tl.sum(lt0, axis=0), tl.where(bins == 1, tl.sum(lt1, axis=0), tl.where(
+            bins == 2, tl.sum(lt2, axis=0), tl.sum(lt3, axis=0))))
+        hint_bracket(akl_ptr + row * AKL_COLS, below * top_scale, thr, thr_keys,
+                     tl.min(min_t, axis=0), stored_t, log_st, scale2, akl_alpha, t_ptr.dtype.element_ty,
                      KEY_BITS, HINT_BINS)
     if (DIVERGENCE == FKL) or (DIVERGENCE == RKL):
         store_row_loss(loss_ptr, row, keep, div, stats_row, kd_weight, ce_weight, HAS_CE)
+
+
+@triton.jit
+def _finish_block(z_in, t_in, offs, limit, state, max_z, log_sz, max_t, log_st, scale2, todi_beta, w_x, w_y, lo, top,
+                  by_rank, cut, akl_row, list_row, DIVERGENCE: tl.constexpr, KEY_BITS: tl.constexpr,
+                  CAPACITY: tl.constexpr, BLOCK_V: tl.constexpr):
+    """``finish_kernel``'s loop body: add one loaded block (indices ``offs``) to the per-lane sums, returned."""
+    s_a, s_b, acc, acc_g, g_tail, g_head, mass_below, f_sum, r_sum, p_sum, q_sum, held_slot = state
+    MIXTURE: tl.constexpr = (DIVERGENCE == SFKL) or (DIVERGENCE == SRKL) or (DIVERGENCE == JSD)
+    z = z_in.to(tl.float32)
+    t = t_in.to(tl.float32)
+    inb = offs < limit
+    lq2 = log2_probs(z, max_z, log_sz, scale2)
+    lp2 = log2_probs(t, max_t, log_st, scale2)
+    q = tl.exp2(lq2)
+    p = tl.exp2(lp2)
+    if DIVERGENCE == TODI:
+        live = (z != float("-inf")) & (t != float("-inf"))
+        d = (lq2 - lp2) * LN2
+        w, c = todi_weights(todi_beta * d)
+        wp = w * p
+        cq = c * q
+        s_a += tl.where(live, wp, 0.0)
+        s_b += tl.where(live, cq * (d + 1.0), 0.0)
+        acc += tl.where(live, (cq - wp) * d, 0.0)
+    if MIXTURE:
+        live = (z != float("-inf")) & (t != float("-inf"))
+        if DIVERGENCE == SRKL:
+            q_m, p_m, lxm, lym = mixture(lq2, lp2, w_x, w_y)
+            acc += tl.where(live, q_m * lxm, 0.0)
+            acc_g += tl.where(live, p_m * tl.exp2(lxm), 0.0)
+        else:
+            p_m, q_m, lxm, lym = mixture(lp2, lq2, w_x, w_y)
+            acc += tl.where(live, p_m * lxm, 0.0)
+            if DIVERGENCE == SFKL:
+                acc_g += tl.where(live, q_m * tl.exp2(lxm), 0.0)
+            else:
+                acc_g += tl.where(live, q_m * lym, 0.0)
+    if DIVERGENCE == TVD:
+        live = (z != float("-inf")) & (t != float("-inf"))
+        gap = q - p
+        acc += tl.where(live, tl.abs(gap), 0.0)
+        acc_g += tl.where(live, tl.where(gap > 0.0, q, tl.where(gap < 0.0, -q, gap)), 0.0)  # gap: 0, or NaN
+    if DIVERGENCE == AKL:
+        live = (z != float("-inf")) & (t != float("-inf"))
+        d2 = lq2 - lp2
+        f_sum += tl.where(live, p * d2, 0.0)
+        r_sum += tl.where(live, q * d2, 0.0)
+        p_sum += tl.where(live, p, 0.0)
+        q_sum += tl.where(live, q, 0.0)
+        gap = tl.abs(p - q)  # 0 past V (both -inf)
+        key = order_key(t_in, KEY_BITS)
+        low = key < lo
+        inside = inb & (key >= lo) & (key <= top)
+        tail = low | (inside & by_rank & (offs <= cut))
+        listed = inside & ~by_rank
+        g_tail += tl.where(tail, gap, 0.0)
+        g_head += tl.where(tail | listed, 0.0, gap)
+        mass_below += tl.where(low, p, 0.0)
+        # the previous block's listed entries, whose slots have arrived: the atomic is never waited for in its block
+        tl.store(list_row + held_slot, offs - BLOCK_V, mask=(held_slot >= 0) & (held_slot < CAPACITY))
+        slot = tl.atomic_add(akl_row + AKL_LISTED + offs * 0, 1.0, mask=listed, sem="relaxed").to(tl.int32)
+        held_slot = tl.where(listed, slot, -1)
+    return (s_a, s_b, acc, acc_g, g_tail, g_head, mass_below, f_sum, r_sum, p_sum, q_sum, held_slot)
 
 
 @triton.jit
@@ -211,7 +330,7 @@ def finish_kernel(
     V, stride_z, stride_t, inv_t, ignore_index, kd_weight, ce_weight, akl_alpha, todi_beta,
     w_x, w_y,
     DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, KEY_BITS: tl.constexpr,
-    CAPACITY: tl.constexpr, BLOCK_V: tl.constexpr,
+    CAPACITY: tl.constexpr, BLOCK_V: tl.constexpr, SLOTS: tl.constexpr,
 ):
     """Last pass over ``z`` and ``t`` of the forward, with the final maxima and log-sums known.
 
@@ -220,8 +339,10 @@ def finish_kernel(
     akl: ``P``, ``Q``, ``F``, ``R`` from the final log-probabilities; entries keyed below ``LO`` are tail, at or
     above ``HI`` head, and the gaps ``|p - q|`` of each side are summed.
     Inside the bracket: with at most ``CAPACITY`` entries, their indices go to ``list`` ((N, CAPACITY) int32,
-    in any order: slots from an atomic counter) for ``akl_resolve_kernel``; otherwise the bracket is one key
-    and the entries up to ``akl_rank_kernel``'s cut index are tail.
+    in any order: slots from an atomic counter, whose returned slots are used one block later so that the loop
+    never waits for the atomic) for ``akl_resolve_kernel``; otherwise the bracket is one key and the entries up to
+    ``akl_rank_kernel``'s cut index are tail. ``SLOTS`` (1 or 3): blocks held in registers
+    current block is used.
 
     sfkl, srkl, jsd (SPEC §2b): the mixture ``M = w_x X + w_y Y`` of :func:`mixture`, ``lxm = log2(X / M)``:
     sfkl ``X = p``, ``Y = q``, ``w_x = lambda``; srkl ``X = q``, ``Y = p``, ``w_x = lambda``; jsd ``X = p``,
@@ -234,7 +355,6 @@ def finish_kernel(
       ``g = (1 - beta) ln2 lym``, ``Q_G = (1 - beta) ln2 sum_m q lym``;
     - tvd:  ``L = 1/2 sum_m |p - q|``, ``g = sign(q - p) / 2``, ``Q_G = 1/2 sum_m q sign(q - p)``.
     """
-    MIXTURE: tl.constexpr = (DIVERGENCE == SFKL) or (DIVERGENCE == SRKL) or (DIVERGENCE == JSD)
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * stride_z
     t_row = t_ptr + row * stride_t
@@ -257,76 +377,63 @@ def finish_kernel(
     r_sum = tl.zeros([BLOCK_V], tl.float32)
     p_sum = tl.zeros([BLOCK_V], tl.float32)
     q_sum = tl.zeros([BLOCK_V], tl.float32)
+    akl_row = akl_ptr + row * AKL_COLS
+    list_row = list_ptr + row * CAPACITY
+    lo = 0  # AKL's bracket and cut, loaded below
+    top = 0
+    by_rank = 0
+    cut = 0
     if DIVERGENCE == AKL:
-        akl_row = akl_ptr + row * AKL_COLS
         lo = load_key(akl_row + AKL_LO)
         top = load_key(akl_row + AKL_HI) - 1
         # vectors: Triton's interpreter rejects `&` between a scalar and a vector mask
         by_rank = tl.full([BLOCK_V], 0.0, tl.float32) + tl.load(akl_row + AKL_COUNT) > CAPACITY
         cut = tl.full([BLOCK_V], 0, tl.int32) + tl.load(akl_row + AKL_CUT_INDEX).to(tl.int32)
-    for start in range(0, V, BLOCK_V):
-        offs = start + tl.arange(0, BLOCK_V)
-        inb = offs < limit
-        z = load_block(z_row, offs, inb).to(tl.float32)
-        t_in = load_block(t_row, offs, inb)
-        t = t_in.to(tl.float32)
-        lq2 = log2_probs(z, max_z, log_sz, scale2)
-        lp2 = log2_probs(t, max_t, log_st, scale2)
-        q = tl.exp2(lq2)
-        p = tl.exp2(lp2)
-        if DIVERGENCE == TODI:
-            live = (z != float("-inf")) & (t != float("-inf"))
-            d = (lq2 - lp2) * LN2
-            w, c = todi_weights(todi_beta * d)
-            wp = w * p
-            cq = c * q
-            s_a += tl.where(live, wp, 0.0)
-            s_b += tl.where(live, cq * (d + 1.0), 0.0)
-            acc += tl.where(live, (cq - wp) * d, 0.0)
-        if MIXTURE:
-            live = (z != float("-inf")) & (t != float("-inf"))
-            if DIVERGENCE == SRKL:
-                q_m, p_m, lxm, lym = mixture(lq2, lp2, w_x, w_y)
-                acc += tl.where(live, q_m * lxm, 0.0)
-                acc_g += tl.where(live, p_m * tl.exp2(lxm), 0.0)
-            else:
-                p_m, q_m, lxm, lym = mixture(lp2, lq2, w_x, w_y)
-                acc += tl.where(live, p_m * lxm, 0.0)
-                if DIVERGENCE == SFKL:
-                    acc_g += tl.where(live, q_m * tl.exp2(lxm), 0.0)
-                else:
-                    acc_g += tl.where(live, q_m * lym, 0.0)
-        if DIVERGENCE == TVD:
-            live = (z != float("-inf")) & (t != float("-inf"))
-            gap = q - p
-            acc += tl.where(live, tl.abs(gap), 0.0)
-            acc_g += tl.where(live, tl.where(gap > 0.0, q, tl.where(gap < 0.0, -q, gap)), 0.0)  # gap: 0, or NaN
-        if DIVERGENCE == AKL:
-            live = (z != float("-inf")) & (t != float("-inf"))
-            d2 = lq2 - lp2
-            f_sum += tl.where(live, p * d2, 0.0)
-            r_sum += tl.where(live, q * d2, 0.0)
-            p_sum += tl.where(live, p, 0.0)
-            q_sum += tl.where(live, q, 0.0)
-            gap = tl.abs(p - q)  # 0 past V (both -inf)
-            key = order_key(t_in, KEY_BITS)
-            low = key < lo
-            inside = inb & (key >= lo) & (key <= top)
-            tail = low | (inside & by_rank & (offs <= cut))
-            listed = inside & ~by_rank
-            g_tail += tl.where(tail, gap, 0.0)
-            g_head += tl.where(tail | listed, 0.0, gap)
-            mass_below += tl.where(low, p, 0.0)
-            slot = tl.atomic_add(akl_row + AKL_LISTED + offs * 0, 1.0, mask=listed, sem="relaxed").to(tl.int32)
-            tl.store(list_ptr + row * CAPACITY + slot, offs, mask=listed & (slot < CAPACITY))
+    lanes = tl.arange(0, BLOCK_V)
+    # AKL: the list slots of the previous block's listed entries (-1: not listed), stored once they have arrived
+    held_slot = tl.full([BLOCK_V], -1, tl.int32)
+    state = (s_a, s_b, acc, acc_g, g_tail, g_head, mass_below, f_sum, r_sum, p_sum, q_sum, held_slot)
+    z_a, z_b, z_c = stream_start(z_row, lanes, limit, BLOCK_V, SLOTS)
+    t_a, t_b, t_c = stream_start(t_row, lanes, limit, BLOCK_V, SLOTS)
+    for start in range(0, V, SLOTS * BLOCK_V):
+        offs = start + lanes
+        if SLOTS == 3:
+            state = _finish_block(z_a, t_a, offs, limit, state, max_z, log_sz, max_t, log_st,
+                                  scale2, todi_beta, w_x, w_y, lo, top, by_rank, cut, akl_row, list_row,
+                                  DIVERGENCE, KEY_BITS, CAPACITY, BLOCK_V)
+            z_a = refill(z_row, offs + 3 * BLOCK_V, limit)
+            t_a = refill(t_row, offs + 3 * BLOCK_V, limit)
+            state = _finish_block(z_b, t_b, offs + BLOCK_V, limit, state, max_z, log_sz, max_t, log_st,
+                                  scale2, todi_beta, w_x, w_y, lo, top, by_rank, cut, akl_row, list_row,
+                                  DIVERGENCE, KEY_BITS, CAPACITY, BLOCK_V)
+            z_b = refill(z_row, offs + 4 * BLOCK_V, limit)
+            t_b = refill(t_row, offs + 4 * BLOCK_V, limit)
+            state = _finish_block(z_c, t_c, offs + 2 * BLOCK_V, limit, state, max_z, log_sz, max_t, log_st,
+                                  scale2, todi_beta, w_x, w_y, lo, top, by_rank, cut, akl_row, list_row,
+                                  DIVERGENCE, KEY_BITS, CAPACITY, BLOCK_V)
+            z_c = refill(z_row, offs + 5 * BLOCK_V, limit)
+            t_c = refill(t_row, offs + 5 * BLOCK_V, limit)
+        else:
+            z_in = z_a
+            t_in = t_a
+            z_a = refill(z_row, offs + BLOCK_V, limit)
+            t_a = refill(t_row, offs + BLOCK_V, limit)
+            state = _finish_block(z_in, t_in, offs, limit, state, max_z, log_sz, max_t, log_st,
+                                  scale2, todi_beta, w_x, w_y, lo, top, by_rank, cut, akl_row, list_row,
+                                  DIVERGENCE, KEY_BITS, CAPACITY, BLOCK_V)
+    s_a, s_b, acc, acc_g, g_tail, g_head, mass_below, f_sum, r_sum, p_sum, q_sum, held_slot = state
     if DIVERGENCE == TODI:
         tl.store(stats_row + TODI_S, tl.sum(s_a, axis=0) - tl.sum(s_b, axis=0))
         store_row_loss(loss_ptr, row, keep, tl.sum(acc, axis=0), stats_row, kd_weight, ce_weight, HAS_CE)
     elif DIVERGENCE == AKL:
+        last = (tl.cdiv(V, SLOTS * BLOCK_V) * SLOTS - 1) * BLOCK_V + lanes  # the last block's listed entries
+        tl.store(list_row + held_slot, last, mask=(held_slot >= 0) & (held_slot < CAPACITY))
         tl.store(stats_row + MASS_P, tl.sum(p_sum, axis=0))
         tl.store(stats_row + MASS_Q, tl.sum(q_sum, axis=0))
-        tl.store(stats_row + FKL_COL, -LN2 * tl.sum(f_sum, axis=0))
-        tl.store(stats_row + RKL_COL, LN2 * tl.sum(r_sum, axis=0))
+        f_total = tl.sum(f_sum, axis=0)
+        r_total = tl.sum(r_sum, axis=0)
+        tl.store(stats_row + FKL_COL, -f_total * LN2)
+        tl.store(stats_row + RKL_COL, r_total * LN2)
         tl.store(akl_row + AKL_MASS_BELOW, tl.sum(mass_below, axis=0))
         tl.store(akl_row + AKL_G_TAIL, tl.sum(g_tail, axis=0))
         tl.store(akl_row + AKL_G_HEAD, tl.sum(g_head, axis=0))

@@ -5,7 +5,7 @@ gradient w.r.t. the student logits. Inputs are ``(N, V)`` with unit stride over 
 be strided), in float32, bfloat16 or float16; labels are ``(N,)`` int64 or ``None``.
 
 Every launch goes through :func:`_launch`, which :func:`recording` can divert into a list: that is how
-``aot.py`` compiles exactly the variants these functions launch (same arguments, constexprs and warps).
+``aot.py`` compiles exactly the variants these functions launch (same arguments, constexprs, warps and options).
 """
 
 from __future__ import annotations
@@ -24,21 +24,31 @@ from kdkernels.kernels.forward import finish_kernel, stats_kernel
 from kdkernels.torch_ops.layout import DIVERGENCE_CODES, NUM_STATS
 from kdkernels.torch_ops.options import KDOptions
 
-AKL_STATS_BLOCK = 4096  # entries per block of AKL's first pass (its per-block maxima amortised over more)
-STREAM_BLOCK = 2048  # entries per block of the other streaming passes
+STREAM_BLOCK = 2048  # entries per block of the streaming passes
+# Entries per block of the passes whose per-lane sums (AKL's first pass: 4 thresholds; its finish pass: 7 sums) or
+# per-entry work (the mixtures of sfkl, srkl, jsd; ToDi's weights) would need more than 128 registers with 3 slots
+SMALL_BLOCK = 1024
+SMALL_BLOCKS = {"stats_kernel": ("akl",), "finish_kernel": ("akl", "sfkl", "srkl", "jsd"),
+                "grad_kernel": ("todi", "sfkl", "srkl", "jsd")}
+# Passes that keep 1 slot (see ``slots``): ToDi's and TVD's finish passes, whose state leaves no room for 3 slots in
+# 128 registers on every Triton (ToDi's is issue-bound anyway)
+ONE_SLOT = {"finish_kernel": ("todi", "tvd")}
 STREAM_WARPS = 8
-# Register cap of the streaming kernels: without one ptxas aims some variants at 3-4 blocks per SM with 64-80
-# registers and spills a few bytes; AKL's first pass (four per-lane threshold sums) needs more and is uncapped.
+# Register cap of the streaming kernels: 2 resident blocks of 8 warps per SM; without one ptxas aims some variants
+# at 3-4 blocks per SM with 64-80 registers and spills a few bytes.
 MAX_REGISTERS = 128
 HINT_BINS = 4  # AKL: thresholds of the stats pass's bracket, ...
 HINT_NATS = 1.0  # ... HINT_NATS apart in t / T
-REFINE_WAYS = 8  # AKL refinement: parts per round
-REFINE_BLOCK = 1024
+REFINE_WAYS = 8  # AKL refinement: splits per round, half of them evenly in key (4 parts: 2 bits a round)
+REFINE_BLOCK = 512
 CAPACITY = 1024  # AKL: most bracket entries ordered by akl_resolve_kernel...
 # ...64 under Triton's interpreter (CPU tests), where a 1024-entry sort costs about a second per row; the
 # smaller list sends more test rows through the refinement passes.
 INTERPRETER_CAPACITY = 64
 RESOLVE_WARPS = 8
+# Every launch chooses FP fusion (``a * b + c`` as one FMA) explicitly, as :func:`_launch` passes it: on, as Triton
+# 3.6-3.9 default to and as the cost model and the zero-spill tests compile; Triton 3.10 turns the default off.
+FP_FUSION = True
 
 
 @dataclass
@@ -66,6 +76,7 @@ def recording():
 
 
 def _launch(kernel, grid: tuple[int, ...], *args, **meta) -> None:
+    meta = dict(meta, enable_fp_fusion=FP_FUSION)
     if _records is not None:
         _records.append(Launch(kernel, grid, args, meta))
     else:
@@ -83,6 +94,35 @@ def capacity() -> int:
 
 def _key_bits(teacher: torch.Tensor) -> int:
     return 16 if teacher.element_size() == 2 else 32
+
+
+def pass_block(kernel: str, divergence: str, vocab: int, own_ce: bool = False) -> int:
+    """Entries per block of a streaming pass: ``SMALL_BLOCK`` for the passes of ``SMALL_BLOCKS``, else
+    ``STREAM_BLOCK``, halved for a stats pass that also sums the CE term's own log-sum (``own_ce``: T != 1), and at
+    most the vocabulary rounded up to a power of 2."""
+    cap = SMALL_BLOCK if divergence in SMALL_BLOCKS[kernel] else STREAM_BLOCK
+    return _block(vocab, cap // 2 if own_ce else cap)
+
+
+def refine_rounds(key_bits: int) -> int:
+    """Most AKL refinement rounds: each keeps at most ``1 / (REFINE_WAYS / 2)`` of the key range (``akl.py``), so
+    ``ceil(key_bits / log2(REFINE_WAYS / 2))`` rounds reach one key: 8 for 16-bit teachers, 16 for float32."""
+    bits_per_round = (REFINE_WAYS // 2).bit_length() - 1
+    return -(-key_bits // bits_per_round)
+
+
+def slots(kernel: str, divergence: str, vocab: int, block: int, *tensors: torch.Tensor) -> int:
+    """Blocks a streaming loop holds in registers (``common.stream_start``): 3 (two in flight while one is used)
+    when its reads take at most 6 bytes an entry and 8 KB a block (2048 entries of bf16/fp16 ``z`` and ``t``,
+    AKL's 1024 of a bf16 student and a float32 teacher, its refinement's 512 of any teacher), its rows are
+    16-aligned (vectorised loads), the row spans more than two blocks and the pass is not in ``ONE_SLOT``; else 1
+    (one in flight). Otherwise the slots would not fit beside the pass's own state in 128 registers on every Triton
+    (3.6-3.9). Two resident blocks of 8 warps then keep 16-32 KB of loads in flight per SM (SPEC §6: about 15 KB
+    on an H100, 22 KB on an H200 at 600 ns)."""
+    entry = sum(t.element_size() for t in tensors)
+    aligned = vocab % 16 == 0 and all(t.stride(0) % 16 == 0 for t in tensors)
+    fits = entry <= 6 and block * entry <= 8192 and divergence not in ONE_SLOT.get(kernel, ())
+    return 3 if fits and aligned and vocab > 2 * block else 1
 
 
 def mixture_weights(opts: KDOptions) -> tuple[float, float]:
@@ -114,6 +154,9 @@ def kd_forward(z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None,
     has_ce = ce_weight != 0.0
     inv_t = 1.0 / temperature
     block = _block(vocab, STREAM_BLOCK)
+    stats_block = pass_block("stats_kernel", divergence, vocab, own_ce=has_ce and temperature != 1.0)
+    finish_block = pass_block("finish_kernel", divergence, vocab)
+    refine_block = _block(vocab, REFINE_BLOCK)
     grid = (n_rows,)
     common = dict(DIVERGENCE=DIVERGENCE_CODES[divergence], HAS_LABELS=has_labels, HAS_CE=has_ce)
     _launch(stats_kernel, grid,
@@ -121,14 +164,16 @@ def kd_forward(z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None,
             vocab, z.stride(0), t.stride(0), inv_t, ignore_index, kd_weight, ce_weight, akl_alpha,
             HINT_NATS * temperature,
             CE_SHARES_Z=temperature == 1.0, KEY_BITS=_key_bits(t), HINT_BINS=HINT_BINS,
-            BLOCK_V=_block(vocab, AKL_STATS_BLOCK if is_akl else STREAM_BLOCK), num_warps=STREAM_WARPS,
-            maxnreg=None if is_akl else MAX_REGISTERS, **common)
+            BLOCK_V=stats_block, SLOTS=slots("stats_kernel", divergence, vocab, stats_block, z, t),
+            num_warps=STREAM_WARPS, maxnreg=MAX_REGISTERS, **common)
     if is_akl:
         _launch(akl_refine_kernel, grid,
                 t, labels_arg, stats, akl,
                 vocab, t.stride(0), inv_t, ignore_index, akl_alpha,
                 HAS_LABELS=has_labels, KEY_BITS=_key_bits(t), WAYS=REFINE_WAYS, CAPACITY=list_size,
-                BLOCK_V=_block(vocab, REFINE_BLOCK), num_warps=STREAM_WARPS, maxnreg=MAX_REGISTERS)
+                MAX_ROUNDS=refine_rounds(_key_bits(t)), BLOCK_V=refine_block,
+                SLOTS=slots("akl_refine_kernel", divergence, vocab, refine_block, t),
+                num_warps=STREAM_WARPS, maxnreg=MAX_REGISTERS)
         _launch(akl_rank_kernel, grid,
                 t, labels_arg, stats, akl,
                 vocab, t.stride(0), inv_t, ignore_index, akl_alpha,
@@ -139,8 +184,9 @@ def kd_forward(z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None,
                 z, t, labels_arg, loss, stats, akl, listed,
                 vocab, z.stride(0), t.stride(0), inv_t, ignore_index, kd_weight, ce_weight, akl_alpha, todi_beta,
                 *mixture_weights(opts),
-                KEY_BITS=_key_bits(t), CAPACITY=list_size, BLOCK_V=block, num_warps=STREAM_WARPS,
-                maxnreg=MAX_REGISTERS, **common)
+                KEY_BITS=_key_bits(t), CAPACITY=list_size, BLOCK_V=finish_block,
+                SLOTS=slots("finish_kernel", divergence, vocab, finish_block, z, t),
+                num_warps=STREAM_WARPS, maxnreg=MAX_REGISTERS, **common)
     if is_akl:
         _launch(akl_resolve_kernel, grid,
                 z, t, labels_arg, loss, stats, akl, listed,
@@ -159,12 +205,14 @@ def kd_backward(grad_rows: torch.Tensor, z: torch.Tensor, t: torch.Tensor, label
     dz = torch.empty((n_rows, vocab), dtype=z.dtype, device=z.device)
     if n_rows == 0:
         return dz
+    block = pass_block("grad_kernel", divergence, vocab)
     grad_rows = grad_rows.to(torch.float32).contiguous()
     _launch(grad_kernel, (n_rows,),
             z, t, labels if labels is not None else grad_rows, grad_rows, stats, dz,
             vocab, z.stride(0), t.stride(0), dz.stride(0), 1.0 / temperature, ignore_index,
             kd_weight, ce_weight, todi_beta, *mixture_weights(opts),
             DIVERGENCE=DIVERGENCE_CODES[divergence], HAS_LABELS=labels is not None, HAS_CE=ce_weight != 0.0,
-            CE_SHARES_Z=temperature == 1.0, BLOCK_V=_block(vocab, STREAM_BLOCK), num_warps=STREAM_WARPS,
-            maxnreg=MAX_REGISTERS)
+            CE_SHARES_Z=temperature == 1.0, BLOCK_V=block,
+            SLOTS=slots("grad_kernel", divergence, vocab, block, z, t),
+            num_warps=STREAM_WARPS, maxnreg=MAX_REGISTERS)
     return dz
