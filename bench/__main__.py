@@ -52,6 +52,8 @@ EXAMPLES = f"""examples:
   python -m bench --full --n 256 --v 8192   the same three providers on the small shape
   python -m bench --sweep --plot            several V, drawn to a PNG
   python -m bench --fused-linear --help     the fused output layer + loss benchmark and its options
+  python -m bench.vocab_parallel --help     the vocabulary-parallel loss (process_group=) on gloo CPU processes
+  python -m bench.roofline_parallel         its GPU cost model for 2, 4 and 8 ranks (sm_90a, no GPU needed)
 """
 
 

@@ -24,11 +24,14 @@ PACKAGE = Path(kd.__file__).parent
 OP_MODULES = [
     "torch_ops/functional.py",
     "torch_ops/modules.py",
+    "torch_ops/rows.py",
     "torch_ops/op.py",
     "torch_ops/options.py",
     "torch_ops/validate.py",
     "torch_ops/torch_backend.py",
     "torch_ops/layout.py",
+    "torch_ops/vocab_parallel.py",
+    "torch_ops/dtensor.py",
     "kernels/launch.py",
     "kernels/forward.py",
     "kernels/akl.py",
@@ -36,9 +39,11 @@ OP_MODULES = [
     "kernels/common.py",
 ]
 SYNC_METHODS = {"item", "cpu", "tolist", "numpy", "synchronize", "nonzero"}
-# The one allowed read: the ops' float options travel as a CPU tensor (options.py), which ``from_op`` reads on the
-# host; it checks that the tensor is on the CPU, so no device is involved.
-ALLOWED = {("torch_ops/options.py", "from_op", "tolist")}
+# The allowed reads: the ops' float options travel as a CPU tensor (options.py), which ``from_op`` reads on the host
+# (it checks that the tensor is on the CPU, so no device is involved); and the vocabulary-parallel path's validation
+# mode reads the ranks' shape table (``vocab_range`` and DTensors skip it).
+ALLOWED = {("torch_ops/options.py", "from_op", "tolist"), ("torch_ops/vocab_parallel.py", "table_shard", "cpu"),
+           ("torch_ops/vocab_parallel.py", "table_shard", "tolist")}
 
 
 @pytest.mark.parametrize("module", OP_MODULES)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import kdkernels as kd
-from kdkernels.torch_ops import sparse
+from kdkernels.torch_ops import sparse_ops
 from kdkernels.torch_ops.options import loss_options
 from kdkernels.torch_ops.reference import DIVERGENCES
 from kdkernels.torch_ops.sparse_reference import sparse_kd_loss_reference, topk_teacher_reference
@@ -73,7 +73,7 @@ def check_against_reference(z, ids, lp, labels, divergence, tail, backend, **opt
     return loss, grad
 
 
-MATRIX = [(d, tail) for d in DIVERGENCES for tail in sparse.TAILS if tail != "truncate" or d == "fkl"]
+MATRIX = [(d, tail) for d in DIVERGENCES for tail in sparse_ops.TAILS if tail != "truncate" or d == "fkl"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -121,7 +121,7 @@ def test_bucket_with_every_id_equals_the_dense_op(divergence, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("tail", sparse.TAILS)
+@pytest.mark.parametrize("tail", sparse_ops.TAILS)
 def test_invalid_ids_give_a_nan_row(tail, backend):
     """A repeated valid id or one outside [0, V) makes that row's loss and whole gradient NaN; the others stay
     exact. Ids of padding entries are never checked."""
@@ -215,17 +215,18 @@ def test_torch_backend_reads_no_values():
     z, ids, lp, labels = sparse_case(8)
     opts = loss_options("akl", temperature=2.0, ce_weight=0.5)
     with ScalarReads() as mode:
-        for tail in sparse.TAILS:
-            rows, stats, grad_k = sparse.forward_rows(z, ids, lp, labels, opts._replace(divergence="fkl") if
-                                                      tail == "truncate" else opts, tail, "torch")
-            sparse.torch_backward(torch.ones_like(rows), z, ids, lp, labels, stats, grad_k, opts, tail == "bucket")
-        sparse.forward_rows(z, ids, lp, labels, opts, "bucket", "torch", rest_lp=torch.full((N_ROWS,), -3.0))
-        top, _ = sparse.torch_topk(z, 5, 2.0)
-        sparse.rest_rows(z, top, 2.0, "torch")
+        for tail in sparse_ops.TAILS:
+            tail_opts = opts._replace(divergence="fkl") if tail == "truncate" else opts
+            rows, stats, grad_k = sparse_ops.forward_rows(z, ids, lp, labels, tail_opts, tail, "torch")
+            sparse_ops.torch_backward(torch.ones_like(rows), z, ids, lp, labels, stats, grad_k, opts, tail == "bucket")
+        sparse_ops.forward_rows(z, ids, lp, labels, opts, "bucket", "torch", rest_lp=torch.full((N_ROWS,), -3.0))
+        top, _ = sparse_ops.torch_topk(z, 5, 2.0)
+        sparse_ops.rest_rows(z, top, 2.0, "torch")
     assert not mode.seen, mode.seen
 
 
-@pytest.mark.parametrize("module", ["torch_ops/sparse.py", "torch_ops/sparse_reference.py", "kernels/sparse.py"])
+@pytest.mark.parametrize("module", ["torch_ops/sparse.py", "torch_ops/sparse_ops.py", "torch_ops/sparse_reference.py",
+                                    "kernels/sparse.py"])
 def test_op_modules_call_no_sync_method(module):
     tree = ast.parse((Path(kd.__file__).parent / module).read_text())
     calls = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Call)

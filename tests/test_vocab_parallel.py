@@ -8,14 +8,18 @@ spans ranks. The parent process checks that every rank's loss is the same, equal
 the float64 reference, and that the slices' gradients put together equal the unsharded gradient. The same for
 ``sparse_kd_loss`` (top-k ids on every rank), ``fused_linear_kd_loss`` (output rows split, the hidden states'
 gradient summed), a group of two of the three processes, and rows with NaN / ``+inf`` entries on one rank. The
-workers also count the bytes they all-reduce (``torch.distributed.all_reduce`` wrapped) against ``bytes_per_row``,
-the README's table, and check the errors of inconsistent shards. Last, the torchrun example against one process.
+workers also count the bytes they all-reduce (``vocab_parallel.all_reduce``, through which every collective of the
+path goes, wrapped) against ``bytes_per_row``, the README's table, with the shape table and with an explicit
+``vocab_range`` (no table), and check the errors of inconsistent shards. Last, the torchrun example against one
+process.
 """
 
 from __future__ import annotations
 
 import datetime
+import fcntl
 import functools
+import os
 import re
 import subprocess
 import sys
@@ -110,38 +114,50 @@ def _slice(world: int, rank: int) -> slice:
 
 
 def _count_bytes(world: int, group) -> dict:
-    """Bytes all-reduced by forwards (less the shape table) and backwards, per row, with ``all_reduce`` wrapped."""
-    real = dist.all_reduce
+    """Bytes all-reduced per row, with ``vocab_parallel.all_reduce`` (every collective of the path) wrapped, by
+    case: ``[(forward, backward) with the shape table (its bytes taken off), (forward, backward) with an explicit
+    vocab_range (no table)]``."""
+    real = vocab_parallel.all_reduce
     sent = []
-    dist.all_reduce = lambda tensor, *args, **kwargs: (sent.append(tensor.numel() * tensor.element_size()),
-                                                       real(tensor, *args, **kwargs))[1]
+    vocab_parallel.all_reduce = lambda x, op, group: (sent.append(x.numel() * x.element_size()), real(x, op, group))[1]
+    cols = _slice(world, dist.get_rank())
+
+    def count(loss_fn, z, table_bytes: int, rows: int) -> list[tuple[float, int]]:
+        modes = []
+        for vocab_range in (None, (cols.start, cols.stop, VOCAB)):
+            sent.clear()
+            loss = loss_fn(z[..., cols].clone().requires_grad_(True), vocab_range)
+            forward = sum(sent) - (table_bytes if vocab_range is None else 0)
+            sent.clear()
+            loss.backward()
+            modes.append((forward / rows, sum(sent)))
+        return modes
+
     counts = {}
     try:
-        cols = _slice(world, dist.get_rank())
         for divergence, dtype, ce, temperature in [(d, torch.float32, 0.0, 1.0) for d in DIVERGENCES] + [
                 ("akl", torch.bfloat16, 0.0, 1.0), ("fkl", torch.float32, 0.5, 1.0), ("fkl", torch.float32, 0.5, 2.0),
                 ("akl", torch.float64, 0.5, 2.0)]:
             z, t, labels = data(dtype)
-            z = z[..., cols].clone().requires_grad_(True)
-            sent.clear()
-            loss = kd.kd_loss(z, t[..., cols], divergence, labels=labels, ce_weight=ce, temperature=temperature,
-                              process_group=group)
-            forward = sum(sent) - 32 * world
-            sent.clear()
-            loss.backward()
-            counts[(divergence, dtype, ce, temperature)] = (forward / labels.numel(), sum(sent))
+
+            def dense(x, vocab_range, t=t[..., cols], labels=labels, divergence=divergence, ce=ce, T=temperature):
+                return kd.kd_loss(x, t, divergence, labels=labels, ce_weight=ce, temperature=T, process_group=group,
+                                  vocab_range=vocab_range)
+
+            # the shape table: (world, 4) int64, 32 bytes per rank
+            counts[(divergence, dtype, ce, temperature)] = count(dense, z, 32 * world, labels.numel())
         for ce, temperature in ((0.0, 1.0), (0.5, 1.0), (0.5, 2.0)):
             z, t, labels = data(torch.float32)
             ids, lp = kd.topk_teacher(torch.nan_to_num(t, nan=0.0, neginf=-30.0), 6)
-            sent.clear()
-            loss = kd.sparse_kd_loss(z[..., cols].clone().requires_grad_(True), ids, lp, "fkl", labels=labels,
-                                     ce_weight=ce, temperature=temperature, process_group=group)
-            forward = sum(sent) - 48 * world  # a (world, 6) int64 shape table
-            sent.clear()
-            loss.backward()
-            counts[("sparse", 6, ce, temperature)] = (forward / labels.numel(), sum(sent))
+
+            def sparse(x, vocab_range, ids=ids, lp=lp, labels=labels, ce=ce, T=temperature):
+                return kd.sparse_kd_loss(x, ids, lp, "fkl", labels=labels, ce_weight=ce, temperature=T,
+                                         process_group=group, vocab_range=vocab_range)
+
+            # the shape table: (world, 6) int64, 48 bytes per rank
+            counts[("sparse", 6, ce, temperature)] = count(sparse, z, 48 * world, labels.numel())
     finally:
-        dist.all_reduce = real
+        vocab_parallel.all_reduce = real
     return counts
 
 
@@ -250,11 +266,12 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
     z = torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(1))[:, cols]
     opts = loss_options("akl", akl_alpha=ALPHA)
     reducer = vocab_parallel.GroupReducer(group)
-    shard = vocab_parallel.shard_layout(reducer, z.shape[0], z.shape[1], z.device, "akl", False)
-    _, stats = vocab_parallel.forward(z, t, None, opts, shard, reducer)
+    shard = vocab_parallel.table_shard(reducer, z.shape[0], z.shape[1], z.device, "akl", False)
+    _, stats = vocab_parallel.forward(z, t, None, opts, shard, reducer, "torch")
     p = (t - stats[:, layout.MAX_T, None] - stats[:, layout.LOGS_T, None]).exp()
     q = (z - stats[:, layout.MAX_Z, None] - stats[:, layout.LOGS_Z, None]).exp()
     results["akl"] = (p, q, akl_tail_select(t, p, ALPHA, reducer), stats[:, [layout.R_HEAD, layout.R_TAIL]])
+    results["shard"] = tuple(shard)
     if world == 3:  # a group of ranks 0 and 2 only: its own ranks and offsets (rank 2 holds the second slice)
         pair = dist.new_group([0, 2])
         if rank != 1:
@@ -275,13 +292,29 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
     dist.destroy_process_group()
 
 
+def spawned(worker, world: int, tmp_path_factory, *args) -> list:
+    """Each rank's results of one run of ``worker(rank, world, store, out, *args)`` on ``world`` processes, once per
+    test run: the pytest-xdist workers share it (the first spawns the processes under a file lock, the others read
+    its results), as each would otherwise set the module's fixtures up on its own."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the run's directory, shared by workers
+    key = "-".join(map(str, (worker.__module__, worker.__name__, world, *args)))
+    path = root / f"spawned-{key}"
+    with open(root / f"spawned-{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (path / "done").exists():
+            path.mkdir(exist_ok=True)
+            torch.multiprocessing.spawn(worker, args=(world, str(path / "store"), str(path / "out"), *args),
+                                        nprocs=world)
+            (path / "done").touch()
+    # not weights_only: a result that is a collective's AsyncCollectiveTensor comes back as one, for a test to see
+    return [torch.load(f"{path / 'out'}.{rank}", weights_only=False) for rank in range(world)]
+
+
 @pytest.fixture(scope="module", params=[2, 3])
 def ranks(request, tmp_path_factory):
     """``(world, [results of each rank])`` of one run of ``world`` processes."""
-    world = request.param
-    path = tmp_path_factory.mktemp(f"vp{world}")
-    torch.multiprocessing.spawn(_worker, args=(world, str(path / "store"), str(path / "out")), nprocs=world)
-    return world, [torch.load(f"{path / 'out'}.{rank}") for rank in range(world)]
+    return request.param, spawned(_worker, request.param, tmp_path_factory)
 
 
 def _case_id(case) -> str:
@@ -343,6 +376,13 @@ def test_invalid_entries_make_their_rows_nan_on_every_rank(ranks, divergence):
     assert torch.allclose(rows[0], expected, rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
+def test_shape_table_gives_each_rank_its_slice(ranks):
+    world, results = ranks
+    for rank, r in enumerate(results):
+        cols = _slice(world, rank)
+        assert r["shard"] == (cols.start, cols.stop - cols.start, VOCAB, world)
+
+
 def test_akl_split_is_the_stable_sort_split(ranks):
     world, results = ranks
     p, q, tail = (torch.cat([r["akl"][i] for r in results], dim=-1) for i in range(3))
@@ -367,7 +407,8 @@ def test_fused_linear_matches_unsharded(ranks, case):
     loss, dh_ref, dw_ref, db_ref = fused_loss_and_grads(case)
     assert all(torch.equal(losses[0], x) for x in losses[1:])
     assert rel_err(losses[0], loss) <= 1e-6
-    for x in dh:  # summed over the group: the whole gradient on every rank
+    for x in dh:  # summed over the group: the whole gradient on every rank, a plain tensor
+        assert type(x) is torch.Tensor, type(x)
         assert rel_err(x, dh_ref) <= 1e-5
     assert rel_err(torch.cat(dw), dw_ref) <= 1e-5 and rel_err(torch.cat(db), db_ref) <= 1e-5
 
@@ -384,17 +425,17 @@ def test_sparse_matches_unsharded(ranks, case):
 
 def test_bytes_sent_per_row_match_the_readme_table(ranks):
     world, results = ranks
-    for (divergence, dtype, ce, temperature), (forward, backward) in results[0]["bytes"].items():
+    for (divergence, dtype, ce, temperature), modes in results[0]["bytes"].items():
         if divergence == "sparse":
             expected = vocab_parallel.sparse_bytes_per_row(dtype, hard_label=ce != 0.0,
                                                            temperature_one=temperature == 1.0)
-            assert (forward, backward) == (expected, 0), (ce, temperature, forward, expected)
-            continue
-        expected = vocab_parallel.bytes_per_row(
-            divergence, world, teacher_bytes=dtype.itemsize, hard_label=ce != 0.0,
-            temperature_one=temperature == 1.0, stat_bytes=8 if dtype == torch.float64 else 4)
-        assert forward == expected, (divergence, dtype, ce, temperature, forward, expected)
-        assert backward == 0
+        else:
+            expected = vocab_parallel.bytes_per_row(
+                divergence, world, teacher_bytes=dtype.itemsize, hard_label=ce != 0.0,
+                temperature_one=temperature == 1.0, stat_bytes=8 if dtype == torch.float64 else 4)
+        # modes: with the shape table (its bytes taken off), then with vocab_range (no table: exactly the row bytes)
+        for mode, (forward, backward) in zip(("table", "vocab_range"), modes):
+            assert (forward, backward) == (expected, 0), (divergence, dtype, ce, temperature, mode, forward, expected)
     table = {d: vocab_parallel.bytes_per_row(d, 2) for d in DIVERGENCES}
     assert table == {"fkl": 24, "rkl": 24, "akl": 2096, "todi": 24, "sfkl": 24, "srkl": 24, "jsd": 24, "tvd": 24}
     assert vocab_parallel.bytes_per_row("akl", 2, teacher_bytes=4) == 4144

@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 
 from kdkernels.torch_ops import validate
-from kdkernels.torch_ops.sparse import check_rest, check_sparse_teacher, topk_teacher_from_hidden
+from kdkernels.torch_ops.sparse import topk_teacher_from_hidden
+from kdkernels.torch_ops.sparse_ops import check_rest, check_sparse_teacher
 from kdkernels.torch_ops.sparse_reference import invalid_rows
 
 FORMAT = "kdkernels-topk/1"

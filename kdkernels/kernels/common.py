@@ -35,6 +35,8 @@ R_HEAD = tl.constexpr(layout.R_HEAD)
 R_TAIL = tl.constexpr(layout.R_TAIL)
 CE = tl.constexpr(layout.CE)
 Q_G = tl.constexpr(layout.Q_G)
+FOUND_Z = tl.constexpr(layout.FOUND_Z)
+FOUND_T = tl.constexpr(layout.FOUND_T)
 
 # Columns of AKL's (N, AKL_COLS) float32 scratch (see akl.py for the cut search that fills them).
 AKL_COLS = tl.constexpr(10)

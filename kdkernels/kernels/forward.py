@@ -37,6 +37,8 @@ from kdkernels.kernels.common import (
     FKL,
     FKL_COL,
     FLOOR,
+    FOUND_T,
+    FOUND_Z,
     JSD,
     LN2,
     LOG2E,
@@ -211,6 +213,8 @@ def stats_kernel(
     tl.store(stats_row + LOGS_Z, log_sz)
     tl.store(stats_row + MAX_T, stored_max(max_t, sum_t))
     tl.store(stats_row + LOGS_T, log_st)
+    tl.store(stats_row + FOUND_Z, tl.where(sum_z == 0, 0.0, 1.0))
+    tl.store(stats_row + FOUND_T, tl.where(sum_t == 0, 0.0, 1.0))
     div = 0.0
     if NEED_F or NEED_R:
         # each lane's sums moved from its own maxima to the row's

@@ -21,7 +21,7 @@ from kdkernels.kernels.akl import akl_rank_kernel, akl_refine_kernel, akl_resolv
 from kdkernels.kernels.backward import grad_kernel
 from kdkernels.kernels.common import AKL_COLS
 from kdkernels.kernels.forward import finish_kernel, stats_kernel
-from kdkernels.torch_ops.layout import DIVERGENCE_CODES, NUM_STATS
+from kdkernels.torch_ops.layout import DIVERGENCE_CODES, NUM_STATS, Q_G, TODI_S
 from kdkernels.torch_ops.options import KDOptions
 
 STREAM_BLOCK = 2048  # entries per block of the streaming passes
@@ -135,11 +135,40 @@ def mixture_weights(opts: KDOptions) -> tuple[float, float]:
     return w, 1.0 - w
 
 
+def _stats_pass(z, t, labels, loss, stats, akl, opts: KDOptions, divergence: str) -> None:
+    """Launch ``stats_kernel`` (compiled for ``divergence``) on ``z``, ``t`` ``(N, V)``."""
+    temperature, has_ce = opts.temperature, opts.ce_weight != 0.0
+    vocab = z.shape[1]
+    block = pass_block("stats_kernel", divergence, vocab, own_ce=has_ce and temperature != 1.0)
+    _launch(stats_kernel, (z.shape[0],),
+            z, t, loss if labels is None else labels, loss, stats, akl,
+            vocab, z.stride(0), t.stride(0), 1.0 / temperature, opts.ignore_index, opts.kd_weight, opts.ce_weight,
+            opts.akl_alpha, HINT_NATS * temperature,
+            DIVERGENCE=DIVERGENCE_CODES[divergence], HAS_LABELS=labels is not None, HAS_CE=has_ce,
+            CE_SHARES_Z=temperature == 1.0, KEY_BITS=_key_bits(t), HINT_BINS=HINT_BINS,
+            BLOCK_V=block, SLOTS=slots("stats_kernel", divergence, vocab, block, z, t),
+            num_warps=STREAM_WARPS, maxnreg=MAX_REGISTERS)
+
+
+def _finish_pass(z, t, labels, loss, stats, akl, listed, opts: KDOptions) -> None:
+    """Launch ``finish_kernel`` on ``z``, ``t`` ``(N, V)`` with the rows' final maxima and log-sums in ``stats``."""
+    divergence, vocab = opts.divergence, z.shape[1]
+    block = pass_block("finish_kernel", divergence, vocab)
+    _launch(finish_kernel, (z.shape[0],),
+            z, t, loss if labels is None else labels, loss, stats, akl, listed,
+            vocab, z.stride(0), t.stride(0), 1.0 / opts.temperature, opts.ignore_index, opts.kd_weight,
+            opts.ce_weight, opts.akl_alpha, opts.todi_beta, *mixture_weights(opts),
+            DIVERGENCE=DIVERGENCE_CODES[divergence], HAS_LABELS=labels is not None, HAS_CE=opts.ce_weight != 0.0,
+            KEY_BITS=_key_bits(t), CAPACITY=capacity(), BLOCK_V=block,
+            SLOTS=slots("finish_kernel", divergence, vocab, block, z, t),
+            num_warps=STREAM_WARPS, maxnreg=MAX_REGISTERS)
+
+
 def kd_forward(z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None,
                opts: KDOptions) -> tuple[torch.Tensor, torch.Tensor]:
     """Row losses ``(N,)`` float32 and statistics ``(N, NUM_STATS)`` float32 of ``z``, ``t`` ``(N, V)``."""
-    divergence, ignore_index, temperature = opts.divergence, opts.ignore_index, opts.temperature
-    akl_alpha, todi_beta, kd_weight, ce_weight = opts.akl_alpha, opts.todi_beta, opts.kd_weight, opts.ce_weight
+    divergence, ignore_index, akl_alpha = opts.divergence, opts.ignore_index, opts.akl_alpha
+    inv_t = 1.0 / opts.temperature
     n_rows, vocab = z.shape
     loss = torch.empty(n_rows, dtype=torch.float32, device=z.device)
     stats = torch.empty((n_rows, NUM_STATS), dtype=torch.float32, device=z.device)
@@ -151,21 +180,10 @@ def kd_forward(z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None,
     listed = torch.empty((n_rows, list_size), dtype=torch.int32, device=z.device) if is_akl else stats
     labels_arg = labels if labels is not None else loss
     has_labels = labels is not None
-    has_ce = ce_weight != 0.0
-    inv_t = 1.0 / temperature
     block = _block(vocab, STREAM_BLOCK)
-    stats_block = pass_block("stats_kernel", divergence, vocab, own_ce=has_ce and temperature != 1.0)
-    finish_block = pass_block("finish_kernel", divergence, vocab)
     refine_block = _block(vocab, REFINE_BLOCK)
     grid = (n_rows,)
-    common = dict(DIVERGENCE=DIVERGENCE_CODES[divergence], HAS_LABELS=has_labels, HAS_CE=has_ce)
-    _launch(stats_kernel, grid,
-            z, t, labels_arg, loss, stats, akl,
-            vocab, z.stride(0), t.stride(0), inv_t, ignore_index, kd_weight, ce_weight, akl_alpha,
-            HINT_NATS * temperature,
-            CE_SHARES_Z=temperature == 1.0, KEY_BITS=_key_bits(t), HINT_BINS=HINT_BINS,
-            BLOCK_V=stats_block, SLOTS=slots("stats_kernel", divergence, vocab, stats_block, z, t),
-            num_warps=STREAM_WARPS, maxnreg=MAX_REGISTERS, **common)
+    _stats_pass(z, t, labels, loss, stats, akl, opts, divergence)
     if is_akl:
         _launch(akl_refine_kernel, grid,
                 t, labels_arg, stats, akl,
@@ -180,20 +198,42 @@ def kd_forward(z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None,
                 HAS_LABELS=has_labels, KEY_BITS=_key_bits(t), CAPACITY=list_size, BLOCK_V=block,
                 num_warps=STREAM_WARPS, maxnreg=MAX_REGISTERS)
     if divergence not in ("fkl", "rkl"):
-        _launch(finish_kernel, grid,
-                z, t, labels_arg, loss, stats, akl, listed,
-                vocab, z.stride(0), t.stride(0), inv_t, ignore_index, kd_weight, ce_weight, akl_alpha, todi_beta,
-                *mixture_weights(opts),
-                KEY_BITS=_key_bits(t), CAPACITY=list_size, BLOCK_V=finish_block,
-                SLOTS=slots("finish_kernel", divergence, vocab, finish_block, z, t),
-                num_warps=STREAM_WARPS, maxnreg=MAX_REGISTERS, **common)
+        _finish_pass(z, t, labels, loss, stats, akl, listed, opts)
     if is_akl:
         _launch(akl_resolve_kernel, grid,
                 z, t, labels_arg, loss, stats, akl, listed,
-                z.stride(0), t.stride(0), inv_t, ignore_index, kd_weight, ce_weight, akl_alpha,
-                HAS_LABELS=has_labels, HAS_CE=has_ce, KEY_BITS=_key_bits(t), CAPACITY=list_size,
+                z.stride(0), t.stride(0), inv_t, ignore_index, opts.kd_weight, opts.ce_weight, akl_alpha,
+                HAS_LABELS=has_labels, HAS_CE=opts.ce_weight != 0.0, KEY_BITS=_key_bits(t), CAPACITY=list_size,
                 num_warps=RESOLVE_WARPS, maxnreg=MAX_REGISTERS)
     return loss, stats
+
+
+# Vocabulary slices (``torch_ops/vocab_parallel.py``): each pass on the slice alone; the caller combines the rows'
+# statistics over the ranks between them. The first pass of a divergence other than fkl and rkl keeps only maxima
+# and sums, as tvd's stats pass does (AKL's bracket search is not run on a slice).
+SHARD_STATS_DIVERGENCE = {"fkl": "fkl", "rkl": "rkl"}
+
+
+def shard_stats(z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, opts: KDOptions) -> torch.Tensor:
+    """``(N, NUM_STATS)`` float32: the slice's own ``MAX_*``, ``LOGS_*``, ``FOUND_*`` of ``z``, ``t`` ``(N, V_r)``,
+    fkl's ``MASS_P``, ``FKL``, rkl's ``MASS_Q``, ``RKL`` and, with a hard-label term, ``LOGS_CE`` (as
+    ``torch_backend.shard_stats``; the ``CE`` column is not meaningful for a slice)."""
+    loss = torch.empty(z.shape[0], dtype=torch.float32, device=z.device)
+    stats = torch.full((z.shape[0], NUM_STATS), float("nan"), dtype=torch.float32, device=z.device)
+    if z.shape[0]:
+        _stats_pass(z, t, labels, loss, stats, stats, opts, SHARD_STATS_DIVERGENCE.get(opts.divergence, "tvd"))
+    return stats
+
+
+def shard_finish(z: torch.Tensor, t: torch.Tensor, stats: torch.Tensor, opts: KDOptions) -> torch.Tensor:
+    """``(N, 2)`` float32: the slice's part of ToDi's or a baseline's ``(loss, S)`` (``S``: ``TODI_S`` or ``Q_G``)
+    from the rows' global maxima and log-sums in ``stats`` (not modified), as ``torch_backend.shard_finish``."""
+    scratch = stats.to(torch.float32, copy=True)
+    loss = torch.empty(z.shape[0], dtype=torch.float32, device=z.device)
+    if z.shape[0]:
+        _finish_pass(z, t, None, loss, scratch, scratch, scratch, opts._replace(kd_weight=1.0, ce_weight=0.0))
+    col = TODI_S if opts.divergence == "todi" else Q_G
+    return torch.stack([loss, scratch[:, col]], 1)
 
 
 def kd_backward(grad_rows: torch.Tensor, z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None,

@@ -6,15 +6,16 @@ One program per row streams the student's vocabulary; nothing of size ``(N, V)``
   / T)``, over the whole row, or for ``tail="bucket"`` over the entries outside the K ids (the rest), read from a
   per-row bitmask of the ids (``(N, ceil(V / 32))`` int32, 1/16 of a bf16 row): the rest mass is a sum over those
   entries, never ``1 - sum_K q``, and the row's log-sum-exp adds the K gathered entries afterwards
-  (``torch_ops/sparse.py``), so each entry costs one ``exp2``. With the CE term at ``T != 1`` also the sum at T = 1.
+  (``torch_ops/sparse_ops.py``), so each entry costs one ``exp2``. With the CE term at ``T != 1`` also the sum at T = 1.
 - ``sparse_grad_kernel`` (backward, one pass over ``z`` writing ``dz``): every entry as if outside K,
   ``g / T (G_rest exp((z_j - m_r) / T) / s_r - S q_j)`` (+ the CE term); ``sparse_ids_kernel`` then overwrites the K
   entries of the row with ``g / T (G_k - S q_k)`` (+ CE). ``G`` is the gradient of the row loss w.r.t. the category
-  log-probs and ``S`` its own correction (``torch_ops/sparse.py`` derives both).
+  log-probs and ``S`` its own correction (``torch_ops/sparse_ops.py`` derives both).
 - ``topk_kernel``: the running top-k of each row (order keys ``value << 32 | ~id``, so equal values keep the lower
   id first) and its log-sum-exp, in one pass over ``t``; ``k`` up to ``TOPK_KERNEL_MAX_K``.
 
-Every launch goes through ``launch._launch`` so that ``aot.py`` and the cost model can record it.
+Every launch goes through ``launch._launch`` so that ``aot.py`` and the cost model can record it. The column
+numbers of the statistics (``R_*``, ``S_*``) are ``torch_ops/layout.py``'s.
 """
 
 from __future__ import annotations
@@ -25,21 +26,21 @@ import triton.language as tl
 
 from kdkernels.kernels.common import LOG2E, load_block, rescale, row_keep, safe_log, safe_max
 from kdkernels.kernels.launch import MAX_REGISTERS, STREAM_BLOCK, STREAM_WARPS, _block, _launch
-from kdkernels.torch_ops import sparse as lay
+from kdkernels.torch_ops import layout
 from kdkernels.torch_ops.options import KDOptions
 
-NUM_SPARSE_STATS = tl.constexpr(lay.NUM_SPARSE_STATS)
-S_MAX = tl.constexpr(lay.S_MAX)
-S_LOGS = tl.constexpr(lay.S_LOGS)
-S_MAX_R = tl.constexpr(lay.S_MAX_R)
-S_LOGS_R = tl.constexpr(lay.S_LOGS_R)
-S_LOGS_CE = tl.constexpr(lay.S_LOGS_CE)
-S_G_REST = tl.constexpr(lay.S_G_REST)
-S_S = tl.constexpr(lay.S_S)
-NUM_STREAM_STATS = tl.constexpr(lay.NUM_STREAM_STATS)
-R_MAX = tl.constexpr(lay.R_MAX)
-R_LOGS = tl.constexpr(lay.R_LOGS)
-R_LOGS_CE = tl.constexpr(lay.R_LOGS_CE)
+NUM_SPARSE_STATS = tl.constexpr(layout.NUM_SPARSE_STATS)
+S_MAX = tl.constexpr(layout.S_MAX)
+S_LOGS = tl.constexpr(layout.S_LOGS)
+S_MAX_R = tl.constexpr(layout.S_MAX_R)
+S_LOGS_R = tl.constexpr(layout.S_LOGS_R)
+S_LOGS_CE = tl.constexpr(layout.S_LOGS_CE)
+S_G_REST = tl.constexpr(layout.S_G_REST)
+S_S = tl.constexpr(layout.S_S)
+NUM_STREAM_STATS = tl.constexpr(layout.NUM_STREAM_STATS)
+R_MAX = tl.constexpr(layout.R_MAX)
+R_LOGS = tl.constexpr(layout.R_LOGS)
+R_LOGS_CE = tl.constexpr(layout.R_LOGS_CE)
 MIN_KEY = tl.constexpr(-(2**63))
 ID_MASK = tl.constexpr(2**32 - 1)
 TOPK_KERNEL_MAX_K = 256  # larger k runs the torch path in row chunks on the same device
@@ -270,7 +271,7 @@ def sparse_stats(z: torch.Tensor, ids: torch.Tensor, use: torch.Tensor, labels: 
     """``(N, NUM_STREAM_STATS)`` float32 statistics of ``z`` ``(N, V)`` over the entries outside the ids ``(N, K)``
     where ``use`` (``rest``), or over all entries; see ``sparse_stats_kernel``."""
     n_rows, vocab = z.shape
-    out = torch.empty((n_rows, lay.NUM_STREAM_STATS), dtype=torch.float32, device=z.device)
+    out = torch.empty((n_rows, layout.NUM_STREAM_STATS), dtype=torch.float32, device=z.device)
     if n_rows == 0:
         return out
     bits = id_bitmask(ids, use, vocab) if rest else out

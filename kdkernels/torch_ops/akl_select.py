@@ -47,7 +47,7 @@ def _pick_bucket(digit: torch.Tensor, mass: torch.Tensor, below: torch.Tensor, a
     hist = torch.zeros(digit.shape[0], 256, dtype=mass.dtype, device=mass.device)
     hist.scatter_add_(1, digit.long(), mass)
     if reducer is not None:
-        reducer.sum_(hist)
+        hist = reducer.sum(hist)
     cum = below + hist.cumsum(1)
     bucket = (cum <= alpha).sum(1, keepdim=True, dtype=digit.dtype).clamp(max=255)
     buckets = torch.arange(256, device=mass.device)

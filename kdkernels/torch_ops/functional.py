@@ -9,26 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from kdkernels.torch_ops import validate
+from kdkernels.torch_ops import dtensor, validate
 from kdkernels.torch_ops.op import kd_forward
 from kdkernels.torch_ops.options import KDOptions, loss_options, op_args
 from kdkernels.torch_ops.reference import kd_loss_reference
-
-
-def reduce_rows(rows: torch.Tensor, labels: torch.Tensor | None, ignore_index: int, reduction: str,
-                lead_shape: torch.Size) -> torch.Tensor:
-    """Reduce row losses ``(N,)``; ``"mean"`` divides by the kept rows (and gives 0 when there are none)."""
-    if reduction == "none":
-        return rows.reshape(lead_shape)
-    total = rows.sum()
-    if reduction == "sum":
-        return total
-    count = rows.shape[0] if labels is None else (labels != ignore_index).sum()
-    if isinstance(count, torch.Tensor):
-        count = count.clamp(min=1)
-    else:
-        count = max(count, 1)
-    return total / count
+from kdkernels.torch_ops.rows import flat_labels, flat_rows, reduce_rows
 
 
 def kd_loss(
@@ -39,6 +24,7 @@ def kd_loss(
     labels: torch.Tensor | None = None,
     backend: str = "auto",
     process_group: object = None,
+    vocab_range: tuple[int, int, int] | None = None,
     **options: object,
 ) -> torch.Tensor:
     """Distillation loss between student and teacher logits, fused over the vocabulary.
@@ -55,6 +41,14 @@ def kd_loss(
             of ids ``[offset_r, offset_r + V_r)``, in rank order, ``labels`` are global ids (the same on every
             rank), every rank returns the loss of the unsharded logits and the gradient of its slice; ranks
             all-reduce per-row statistics only (``vocab_parallel.py``). Not the reference backend.
+        vocab_range: with ``process_group``, this rank's slice as ``(start, end, V)`` (ids ``[start, end)`` of a
+            vocabulary of ``V``): the path then reads no shape table, makes no host synchronisation and is traced
+            whole by ``torch.compile``. Without it the ranks exchange their shapes first and check them.
+
+    ``student_logits`` may be a ``DTensor`` sharded on the vocabulary (``Shard(-1)`` on one mesh dimension, e.g. a
+    ``ColwiseParallel`` output layer's output; ``teacher_logits`` a DTensor of the same placements or the local
+    shard, ``labels`` a plain or replicated tensor): the group and range come from its mesh (``dtensor.py``), the
+    loss is a plain tensor and the gradient a DTensor of the student's placements.
         **options: the fields of :class:`~kdkernels.KDOptions` (``temperature=1.0``, ``reduction="mean"``,
             ``ignore_index=-100``, ``akl_alpha=0.5``, ``todi_beta=1.0``, ``skew_lambda=0.1``, ``jsd_beta=0.5``,
             ``kd_weight=1.0``, ``ce_weight=0.0``). ``temperature`` divides both logits; no ``T**2`` factor is
@@ -71,34 +65,39 @@ def kd_loss(
         loss = kd_loss(student(x), teacher(x).detach(), "todi", labels=y, temperature=2.0)
         loss.backward()
     """
-    validate.check_pair(student_logits, teacher_logits)
     opts = loss_options(divergence, **options)
+    return checked_loss(student_logits, teacher_logits, labels, opts, backend, process_group, vocab_range)
+
+
+def checked_loss(student_logits, teacher_logits, labels, opts: KDOptions, backend: str, process_group: object = None,
+                 vocab_range: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """:func:`kd_loss` with its options checked (``opts``): DTensors unwrapped, the tensors and backend checked."""
+    if dtensor.is_dtensor(student_logits) or dtensor.is_dtensor(teacher_logits):
+        student_logits, teacher_logits, labels, process_group, vocab_range = dtensor.unwrap_logits(
+            student_logits, teacher_logits, labels, process_group, vocab_range)
+    validate.check_pair(student_logits, teacher_logits)
     validate.check_labels(labels, student_logits)
     validate.check_ce(opts.ce_weight, labels)
     backend = validate.resolve_backend(backend, student_logits, teacher_logits)
-    return loss_with_options(student_logits, teacher_logits, labels, opts, backend, process_group)
+    return loss_with_options(student_logits, teacher_logits, labels, opts, backend, process_group, vocab_range)
 
 
 def loss_with_options(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None,
-                      opts: KDOptions, backend: str, process_group: object = None) -> torch.Tensor:
+                      opts: KDOptions, backend: str, process_group: object = None,
+                      vocab_range: tuple[int, int, int] | None = None) -> torch.Tensor:
     """:func:`kd_loss` on checked arguments and a resolved backend (its ``process_group`` not yet checked)."""
+    validate.check_vocab_range(vocab_range, process_group)
     if process_group is not None:
         from kdkernels.torch_ops import vocab_parallel  # imported on first use, as the group's collectives
 
-        vocab_parallel.check_group(process_group, backend)
-        return vocab_parallel.vocab_parallel_loss(student_logits, teacher_logits, labels, opts, backend, process_group)
+        return vocab_parallel.vocab_parallel_loss(student_logits, teacher_logits, labels, opts, backend, process_group,
+                                                  vocab_range)
     if backend == "reference":
         return kd_loss_reference(student_logits, teacher_logits, labels=labels, **opts._asdict())
-    vocab = student_logits.shape[-1]
-    z = student_logits.reshape(-1, vocab)
-    t = teacher_logits.reshape(-1, vocab)
-    # The kernels address rows by stride but need the vocabulary contiguous.
-    z = z if z.stride(-1) == 1 else z.contiguous()
-    t = t if t.stride(-1) == 1 else t.contiguous()
-    # The kernels index labels by row, so they too must be contiguous (a strided view is copied).
-    flat_labels = None if labels is None else labels.reshape(-1).to(torch.int64).contiguous()
-    rows, _ = kd_forward(z, t, flat_labels, *op_args(opts), backend)
-    return reduce_rows(rows, flat_labels, opts.ignore_index, opts.reduction, student_logits.shape[:-1])
+    # The kernels address rows by stride but need the vocabulary contiguous, and index labels by row.
+    labels = flat_labels(labels)
+    rows, _ = kd_forward(flat_rows(student_logits), flat_rows(teacher_logits), labels, *op_args(opts), backend)
+    return reduce_rows(rows, labels, opts.ignore_index, opts.reduction, student_logits.shape[:-1])
 
 
 SHORTCUTS = {"fkl": "forward_kl", "rkl": "reverse_kl", "akl": "adaptive_kl", "todi": "todi",

@@ -3,7 +3,8 @@
 For ``N`` token rows (leading dimensions flattened), student hidden states ``h`` ``(N, H_s)``, output
 weight ``W`` ``(V, H_s)`` and optional bias ``b`` ``(V,)``, and a teacher given either as hidden states
 ``g`` ``(N, H_t)`` with ``U`` ``(V, H_t)``, ``c`` ``(V,)``, directly as logits ``t`` ``(N, V)``, or sparse (its top-k
-ids and log-probs ``(N, K)``, SPEC §7, through the registered ``sparse_forward``/``sparse_backward`` ops)::
+ids and log-probs ``(N, K)``, SPEC §7, through the registered ``sparse_forward``/``sparse_backward`` ops of
+``sparse_ops.py``)::
 
     z = h W^T + b,   t = g U^T + c                      (one chunk of rows at a time)
     row_i = kd_weight * D(z_i, t_i) + ce_weight * CE(z_i, label_i)     (SPEC §2-3; no T**2 factor)
@@ -25,11 +26,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kdkernels.torch_ops import validate
-from kdkernels.torch_ops.functional import reduce_rows
+from kdkernels.torch_ops import dtensor, validate
 from kdkernels.torch_ops.op import kd_backward, kd_forward
-from kdkernels.torch_ops.options import from_op, loss_options, op_args
-from kdkernels.torch_ops.sparse import check_rest, check_sparse_teacher, check_tail, sparse_backward, sparse_forward
+from kdkernels.torch_ops.options import canonical, loss_options, op_args
+from kdkernels.torch_ops.rows import flat_labels, reduce_rows
+from kdkernels.torch_ops.sparse_ops import check_rest, check_sparse_teacher, check_tail, sparse_backward, sparse_forward
 
 FUSED_BACKENDS = ("auto", "torch", "triton")
 CHUNK_ELEMENTS = 1 << 24  # most logits entries of one chunk (64 MiB in float32)
@@ -73,6 +74,8 @@ def _sweep(student, teacher, labels, opts, row_grad, needs):
     parallel = opts["parallel"]  # (KDOptions, Shard, GroupReducer) of vocabulary-parallel slices, or None
     if parallel is not None:
         from kdkernels.torch_ops import vocab_parallel  # loaded already: fused_linear_kd_loss made the Shard
+
+        loss_opts, shard, reducer = parallel
     for lo in range(0, n_rows, step):
         part = slice(lo, lo + step)
         z = F.linear(h[part], weight, bias)
@@ -83,14 +86,14 @@ def _sweep(student, teacher, labels, opts, row_grad, needs):
             if parallel is None:
                 rows[part], stats = kd_forward(z, t, lab, *flat_options)
             else:
-                rows[part], stats = vocab_parallel.forward(z, t, lab, *parallel)
+                rows[part], stats = vocab_parallel.forward(z, t, lab, loss_opts, shard, reducer, opts["backend"])
         else:
             rest = None if t_rest is None else t_rest[part]
             rows[part], stats, grad_k = sparse_forward(z, t_ids[part], t_lp[part], rest, lab, *sparse_options)
         if row_grad is None:
             continue
         if parallel is not None:
-            dz = vocab_parallel.backward(row_grad[part], z, t, lab, stats, *parallel[:2], opts["backend"])
+            dz = vocab_parallel.backward(row_grad[part], z, t, lab, stats, loss_opts, shard, opts["backend"])
             del t
         elif t_ids is None:
             dz = kd_backward(row_grad[part], z, t, lab, stats, *flat_options)
@@ -109,7 +112,7 @@ def _sweep(student, teacher, labels, opts, row_grad, needs):
             db += dz.sum(0, dtype=acc)
         del dz
     if dh is not None and parallel is not None:
-        parallel[2].sum_(dh)  # each slice's part of the replicated hidden states' gradient
+        dh = reducer.sum(dh)  # each slice's part of the replicated hidden states' gradient
     grads = None
     if row_grad is not None:
         grads = (dh, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(bias.dtype))
@@ -158,38 +161,15 @@ class _FusedLinearKD(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None, None, None, None, None)
 
 
-def _check_weight(name: str, weight: object, bias_name: str, bias: object) -> None:
-    validate.check_logits(name, weight)
-    if weight.dim() != 2:
-        raise ValueError(f"{name} must have shape (V, hidden), got {tuple(weight.shape)}")
-    if bias is None:
-        return
-    validate.check_logits(bias_name, bias)
-    if tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"{bias_name} must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-    if bias.dtype != weight.dtype:
-        raise TypeError(f"{bias_name} dtype {bias.dtype} must match {name} dtype {weight.dtype}")
-
-
-def _check_hidden(name: str, hidden: object, weight_name: str, weight: torch.Tensor) -> None:
-    validate.check_logits(name, hidden)
-    if hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(
-            f"{name} hidden size {hidden.shape[-1]} must match {weight_name} shape {tuple(weight.shape)}[1]"
-        )
-    if hidden.dtype != weight.dtype:
-        raise TypeError(f"{name} dtype {hidden.dtype} must match {weight_name} dtype {weight.dtype}")
-
-
 def _first_entries(vocab_size: object, w, b, u, c, t_logits) -> tuple:
     """The first ``vocab_size`` vocabulary entries of the weights, biases and teacher logits, as views."""
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
         raise TypeError(f"vocab_size must be an int or None, got {type(vocab_size).__name__}")
     if vocab_size < 1:
         raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
-    _check_weight("student_weight", w, "student_bias", b)
+    validate.check_weight("student_weight", w, "student_bias", b)
     if u is not None:
-        _check_weight("teacher_weight", u, "teacher_bias", c)
+        validate.check_weight("teacher_weight", u, "teacher_bias", c)
     if t_logits is not None:
         validate.check_logits("teacher_logits", t_logits)
     for name, size in (("student_weight", w.shape[0]), ("teacher_weight", None if u is None else u.shape[0]),
@@ -202,8 +182,8 @@ def _first_entries(vocab_size: object, w, b, u, c, t_logits) -> tuple:
 
 def _check_inputs(h, w, b, g, u, c, t_logits, t_ids=None, t_lp=None, t_rest=None) -> torch.Tensor:
     """All shape/dtype/device checks; returns the tensor standing for the teacher in backend checks."""
-    _check_weight("student_weight", w, "student_bias", b)
-    _check_hidden("student_hidden", h, "student_weight", w)
+    validate.check_weight("student_weight", w, "student_bias", b)
+    validate.check_hidden("student_hidden", h, "student_weight", w)
     lead, vocab = tuple(h.shape[:-1]), w.shape[0]
     if t_ids is not None or t_lp is not None or t_rest is not None:
         if t_ids is None or t_lp is None or t_logits is not None or g is not None or u is not None or c is not None:
@@ -224,8 +204,8 @@ def _check_inputs(h, w, b, g, u, c, t_logits, t_ids=None, t_lp=None, t_rest=None
     else:
         if g is None or u is None:
             raise ValueError("the teacher needs teacher_hidden and teacher_weight, or teacher_logits")
-        _check_weight("teacher_weight", u, "teacher_bias", c)
-        _check_hidden("teacher_hidden", g, "teacher_weight", u)
+        validate.check_weight("teacher_weight", u, "teacher_bias", c)
+        validate.check_hidden("teacher_hidden", g, "teacher_weight", u)
         if u.shape[0] != vocab:
             raise ValueError(f"teacher_weight has vocabulary {u.shape[0]} but student_weight has {vocab}; "
                              f"the vocabularies must match ({VOCAB_HINT})")
@@ -241,24 +221,37 @@ def _check_inputs(h, w, b, g, u, c, t_logits, t_ids=None, t_lp=None, t_rest=None
     return t_logits if t_logits is not None else (h if t_ids is not None else g)
 
 
-def _vocab_parallel(process_group, backend, h, vocab, hidden, chunk_size, hidden_grad, labels, loss_opts, vocab_size,
-                    teacher_indices):
+def _unwrap(h, w, b, g, u, c, t_logits, process_group, vocab_range):
+    """The local tensors of a DTensor ``student_weight`` ``w`` sharded on its rows and of the tensors placed alike,
+    with the group and range of its mesh (see :func:`fused_linear_kd_loss`)."""
+    dtensor.check_no_group(process_group, vocab_range, "student_weight")
+    w_local, process_group, vocab_range = dtensor.vocab_split(w, "student_weight", 0)
+    width = w_local.shape[0]
+    b, u, c = (dtensor.same_split(x, w, name, "student_weight", 0, width)
+               for x, name in ((b, "student_bias"), (u, "teacher_weight"), (c, "teacher_bias")))
+    if dtensor.is_dtensor(t_logits):
+        t_logits, _, t_range = dtensor.vocab_split(t_logits, "teacher_logits", -1)
+        if t_range != vocab_range:
+            raise ValueError(f"teacher_logits holds vocabulary range {t_range} but student_weight {vocab_range}")
+    return h, w_local, b, g, u, c, t_logits, process_group, vocab_range
+
+
+def _vocab_parallel(process_group, vocab_range, backend, h, vocab, hidden, chunk_size, hidden_grad, labels, loss_opts,
+                    vocab_size, teacher_indices):
     """``(KDOptions, Shard, GroupReducer)`` of this rank's output rows (``process_group`` of
     :func:`fused_linear_kd_loss`), after checks that the ranks agree on the rows, hidden size, chunks and
     whether the hidden states take a gradient (their gradient is all-reduced)."""
     from kdkernels.torch_ops import vocab_parallel  # imported on first use, as the group's collectives
 
-    vocab_parallel.check_group(process_group, backend)
     if vocab_size is not None:
         raise ValueError("vocab_size does not combine with process_group: pass each rank's rows of the heads")
     if teacher_indices is not None:
         raise ValueError("process_group takes a dense teacher (teacher_hidden and teacher_weight, or teacher_logits)")
-    reducer = vocab_parallel.GroupReducer(process_group)
     rows = h.numel() // h.shape[-1]
-    shard = vocab_parallel.shard_layout(reducer, rows, vocab, h.device, loss_opts.divergence, labels is not None,
-                                        hidden_size=hidden, chunk_size=chunk_size or 0,
-                                        student_hidden_requires_grad=hidden_grad)
-    return from_op(*op_args(loss_opts)), shard, reducer
+    shard, reducer = vocab_parallel.layout_of(process_group, vocab_range, backend, rows, vocab, h.device,
+                                              loss_opts.divergence, labels is not None, hidden_size=hidden,
+                                              chunk_size=chunk_size or 0, student_hidden_requires_grad=hidden_grad)
+    return canonical(loss_opts), shard, reducer
 
 
 def fused_linear_kd_loss(
@@ -280,6 +273,7 @@ def fused_linear_kd_loss(
     chunk_size: int | None = None,
     vocab_size: int | None = None,
     process_group: object = None,
+    vocab_range: tuple[int, int, int] | None = None,
     **options: object,
 ) -> torch.Tensor:
     """``kd_loss(student_hidden @ student_weight.T + student_bias, teacher logits, ...)`` without full logits.
@@ -311,6 +305,14 @@ def fused_linear_kd_loss(
             already **summed over the group** (one all-reduce of ``N x H_s`` numbers where the gradients are made),
             so pass the hidden states as they are, not through Megatron's ``copy_to_tensor_model_parallel_region``
             (whose backward sums them again). Dense teachers only; not with ``vocab_size``.
+        vocab_range: with ``process_group``, this rank's rows ``(start, end, V)``, as in :func:`kdkernels.kd_loss`
+            (no shape table, no host synchronisation; every rank must then pass the same ``chunk_size``).
+
+    ``student_weight`` may be a ``DTensor`` sharded on the vocabulary (``Shard(0)`` on one mesh dimension, as a
+    ``ColwiseParallel`` output layer's weight): the group and rows come from its mesh (``dtensor.py``);
+    ``student_bias``, ``teacher_weight`` and ``teacher_bias`` are DTensors of the same placements or local rows,
+    ``teacher_logits`` a DTensor sharded ``Shard(-1)`` alike or the local columns, the hidden states and labels
+    plain or replicated DTensors. The weights' gradients are then DTensors of their placements.
 
     Returns the float32 loss. Memory beyond inputs and gradients is a few ``(chunk_size, V)`` buffers.
     The gradients are made during the forward and handed to the first backward; a second backward through
@@ -326,6 +328,14 @@ def fused_linear_kd_loss(
     """
     h, w, b, g, u, c, t_logits = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                                   teacher_bias, teacher_logits)
+    if dtensor.is_dtensor(w):
+        h, w, b, g, u, c, t_logits, process_group, vocab_range = _unwrap(h, w, b, g, u, c, t_logits, process_group,
+                                                                          vocab_range)
+    h, g, labels, teacher_indices, teacher_logprobs, teacher_rest_logprob = (
+        dtensor.local(x, name) for x, name in ((h, "student_hidden"), (g, "teacher_hidden"), (labels, "labels"),
+                                               (teacher_indices, "teacher_indices"),
+                                               (teacher_logprobs, "teacher_logprobs"),
+                                               (teacher_rest_logprob, "teacher_rest_logprob")))
     if vocab_size is not None:
         w, b, u, c, t_logits = _first_entries(vocab_size, w, b, u, c, t_logits)
     teacher_ref = _check_inputs(h, w, b, g, u, c, t_logits, teacher_indices, teacher_logprobs, teacher_rest_logprob)
@@ -345,10 +355,11 @@ def fused_linear_kd_loss(
     grad_on = torch.is_grad_enabled()
     needs = tuple(grad_on and x is not None and x.requires_grad for x in (h, w, b))
     parallel = None
+    validate.check_vocab_range(vocab_range, process_group)
     if process_group is not None:
-        parallel = _vocab_parallel(process_group, backend, h, vocab, hidden, chunk_size, needs[0], labels, loss_opts,
-                                   vocab_size, teacher_indices)
-        vocab = parallel[1].widest  # the chunks are cut alike on every rank
+        parallel = _vocab_parallel(process_group, vocab_range, backend, h, vocab, hidden, chunk_size, needs[0], labels,
+                                   loss_opts, vocab_size, teacher_indices)
+        vocab = -(-parallel[1].vocab // parallel[1].world)  # the chunks are cut alike on every rank
     opts = {
         "loss": loss_opts,
         "backend": backend,
@@ -362,8 +373,8 @@ def fused_linear_kd_loss(
                    for x in (teacher_indices, teacher_logprobs)]
     t_ids = None if t_ids is None else t_ids.to(torch.int64)
     t_rest = None if teacher_rest_logprob is None or tail != "bucket" else teacher_rest_logprob.reshape(-1).contiguous()
-    flat_labels = None if labels is None else labels.reshape(-1).to(torch.int64).contiguous()
-    out = _FusedLinearKD.apply(flat[0], w, b, flat[1], u, c, flat[2], t_ids, t_lp, t_rest, flat_labels, opts, needs)
+    out = _FusedLinearKD.apply(flat[0], w, b, flat[1], u, c, flat[2], t_ids, t_lp, t_rest, flat_labels(labels), opts,
+                               needs)
     return out.reshape(lead) if loss_opts.reduction == "none" else out
 
 
@@ -382,6 +393,7 @@ class FusedLinearKDLoss(torch.nn.Module):
         vocab_size: int | None = None,
         tail: str = "bucket",
         process_group: object = None,
+        vocab_range: tuple[int, int, int] | None = None,
         **options: object,
     ):
         super().__init__()
@@ -390,7 +402,7 @@ class FusedLinearKDLoss(torch.nn.Module):
         check_tail(tail, opts.divergence)
         self.divergence = divergence
         self.options = dict(opts._asdict(), backend=backend, chunk_size=chunk_size, vocab_size=vocab_size, tail=tail,
-                            process_group=process_group)
+                            process_group=process_group, vocab_range=vocab_range)
         del self.options["divergence"]
 
     def forward(

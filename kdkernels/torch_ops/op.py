@@ -5,7 +5,8 @@ on ``(N, V)`` logits with unit stride over the vocabulary, and
 ``kd_backward(grad_rows, z, t, labels, stats, params, divergence, ignore_index, backend) -> dz (N, V)``, each
 dispatching to the Triton kernels or the torch backend. Being ``torch.library`` custom ops with fake
 implementations, they trace under ``torch.compile(fullgraph=True)`` without graph breaks. The reduction
-over rows happens outside, in ``functional.py``, so the backward always gets one gradient per row.
+over rows happens outside (``rows.reduce_rows``, called by the API), so the backward always gets one gradient per
+row.
 
 ``(params, divergence, ignore_index)`` are :class:`~kdkernels.torch_ops.options.KDOptions` flattened by
 ``options.op_args``: the float options travel as a CPU tensor, so ``torch.compile`` takes a temperature or weight
@@ -95,3 +96,29 @@ def _backward(ctx, grad_loss, grad_stats):
 
 
 kd_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# The two passes of a vocabulary slice (``vocab_parallel.py``), registered alike so that a compiled training step
+# captures the vocabulary-parallel loss whole: the collectives between them are traced, these are opaque.
+@torch.library.custom_op("kdkernels::shard_stats", mutates_args=())
+def shard_stats(z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, params: torch.Tensor, divergence: str,
+                ignore_index: int, backend: str) -> torch.Tensor:
+    """``(N, NUM_STATS)``: the slice's own statistics (``torch_backend.shard_stats``, ``launch.shard_stats``)."""
+    return _backend_module(backend).shard_stats(z, t, labels, from_op(params, divergence, ignore_index))
+
+
+@shard_stats.register_fake
+def _(z, t, labels, params, divergence, ignore_index, backend):
+    return z.new_empty((z.shape[0], layout.NUM_STATS), dtype=_result_dtype(z, t))
+
+
+@torch.library.custom_op("kdkernels::shard_finish", mutates_args=())
+def shard_finish(z: torch.Tensor, t: torch.Tensor, stats: torch.Tensor, params: torch.Tensor, divergence: str,
+                 ignore_index: int, backend: str) -> torch.Tensor:
+    """``(N, 2)``: the slice's part of ToDi's or a baseline's ``(loss, S)`` from the global ``stats``."""
+    return _backend_module(backend).shard_finish(z, t, stats, from_op(params, divergence, ignore_index))
+
+
+@shard_finish.register_fake
+def _(z, t, stats, params, divergence, ignore_index, backend):
+    return z.new_empty((z.shape[0], 2), dtype=_result_dtype(z, t))

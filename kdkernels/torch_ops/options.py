@@ -98,6 +98,11 @@ def from_op(params: torch.Tensor, divergence: str, ignore_index: int) -> KDOptio
         raise ValueError(f"params must be a CPU tensor of {len(FLOAT_BOUNDS)} floats, got {params.shape} on "
                          f"{params.device}")
     floats = dict(zip(FLOAT_BOUNDS, params.tolist()))  # a host read of a CPU tensor, not a device sync
-    if divergence == "jsd" and floats["jsd_beta"] in (0.0, 1.0):
-        divergence = "fkl" if floats["jsd_beta"] == 0.0 else "rkl"  # TRL's endpoint convention (SPEC §2b)
-    return KDOptions(divergence=divergence, ignore_index=ignore_index, **floats)
+    return canonical(KDOptions(divergence=divergence, ignore_index=ignore_index, **floats))
+
+
+def canonical(opts: KDOptions) -> KDOptions:
+    """``opts`` with jsd at ``jsd_beta`` 0 or 1 run as fkl or rkl (TRL's endpoint convention, SPEC §2b)."""
+    if opts.divergence == "jsd" and opts.jsd_beta in (0.0, 1.0):
+        return opts._replace(divergence="fkl" if opts.jsd_beta == 0.0 else "rkl")
+    return opts

@@ -212,6 +212,12 @@ def _cross_entropy(c: torch.Tensor, s: torch.Tensor, labels: torch.Tensor) -> tu
     return log_sum, torch.where(valid, log_sum - picked, float("nan"))
 
 
+def _stat_cols(m_z, s_z, m_t, s_t) -> dict:
+    """The columns ``MAX_*``, ``LOGS_*`` and ``FOUND_*`` of ``layout.py`` from the row maxima and sums ``(rows,)``."""
+    return {layout.MAX_Z: m_z, layout.LOGS_Z: _log_sum(s_z), layout.MAX_T: m_t, layout.LOGS_T: _log_sum(s_t),
+            layout.FOUND_Z: (s_z != 0).to(s_z.dtype), layout.FOUND_T: (s_t != 0).to(s_t.dtype)}
+
+
 def forward_chunk(z, t, labels, opts: KDOptions):
     """Row losses ``(rows,)`` of one chunk and its statistics, as ``{column of layout.py: (rows,)}``.
 
@@ -227,7 +233,7 @@ def forward_chunk(z, t, labels, opts: KDOptions):
     log_s_z, log_s_t = _log_sum(s_z), _log_sum(s_t)
     live = torch.minimum(a, b) != NEG_INF  # neither is -inf
     log_ratio = log_s_t - log_s_z
-    cols = {layout.MAX_Z: m_z, layout.LOGS_Z: log_s_z, layout.MAX_T: m_t, layout.LOGS_T: log_s_t}
+    cols = _stat_cols(m_z, s_z, m_t, s_t)
     if divergence in ("fkl", "akl"):
         cols[layout.MASS_P], cols[layout.FKL] = _kl_sums(e_t, s_t, b - a, live, log_ratio)
         div = cols[layout.FKL]
@@ -349,19 +355,32 @@ def _row_ranges(n_rows: int, step: int, aligned: bool):
         yield lo, min(lo + step, n_rows)
 
 
+def _chunks(z: torch.Tensor, t: torch.Tensor, akl_select: bool = False):
+    """``(compiled, [lo, hi) row ranges)`` of a pass over ``z``, ``t`` ``(N, V)`` (:func:`_use_compiled`,
+    :func:`chunk_rows`)."""
+    compiled = _use_compiled(z, t)
+    most = chunk_rows(z.shape[1], compiled, akl_select=akl_select)
+    return compiled, _row_ranges(z.shape[0], _balanced(z.shape[0], most), compiled)
+
+
+def _stats_buffer(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``(N, NUM_STATS)`` of NaN in the compute dtype: columns a pass does not write stay NaN."""
+    return torch.full((z.shape[0], layout.NUM_STATS), float("nan"), dtype=compute_dtype(z, t), device=z.device)
+
+
+def _part(x: torch.Tensor | None, lo: int, hi: int) -> torch.Tensor | None:
+    return None if x is None else x[lo:hi]
+
+
 def kd_forward(z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None,
                opts: KDOptions) -> tuple[torch.Tensor, torch.Tensor]:
     """Row losses ``(N,)`` and statistics ``(N, NUM_STATS)`` of ``z``, ``t`` ``(N, V)``; see ``layout.py`` and the
     module docstring (NaN in the columns this divergence does not use)."""
-    n_rows, vocab = z.shape
-    dtype = compute_dtype(z, t)
-    loss = torch.empty(n_rows, dtype=dtype, device=z.device)
-    stats = torch.full((n_rows, layout.NUM_STATS), float("nan"), dtype=dtype, device=z.device)
-    compiled = _use_compiled(z, t)
-    most = chunk_rows(vocab, compiled, akl_select=opts.divergence == "akl")
-    for lo, hi in _row_ranges(n_rows, _balanced(n_rows, most), compiled):
-        lab = None if labels is None else labels[lo:hi]
-        loss[lo:hi], cols = _run(forward_chunk, compiled, z[lo:hi], t[lo:hi], lab, opts)
+    loss = torch.empty(z.shape[0], dtype=compute_dtype(z, t), device=z.device)
+    stats = _stats_buffer(z, t)
+    compiled, ranges = _chunks(z, t, akl_select=opts.divergence == "akl")
+    for lo, hi in ranges:
+        loss[lo:hi], cols = _run(forward_chunk, compiled, z[lo:hi], t[lo:hi], _part(labels, lo, hi), opts)
         for col, value in cols.items():
             stats[lo:hi, col] = value
     return loss, stats
@@ -370,10 +389,67 @@ def kd_forward(z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None,
 def kd_backward(grad_rows: torch.Tensor, z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None,
                 stats: torch.Tensor, opts: KDOptions) -> torch.Tensor:
     """Gradient ``(N, V)`` w.r.t. ``z`` in ``z``'s dtype, from the row-loss gradient ``grad_rows`` ``(N,)``."""
-    n_rows, vocab = z.shape
-    dz = torch.empty((n_rows, vocab), dtype=z.dtype, device=z.device)
-    compiled = _use_compiled(z, t)
-    for lo, hi in _row_ranges(n_rows, _balanced(n_rows, chunk_rows(vocab, compiled)), compiled):
-        lab = None if labels is None else labels[lo:hi]
-        _run(backward_chunk, compiled, dz[lo:hi], grad_rows[lo:hi], z[lo:hi], t[lo:hi], lab, stats[lo:hi], opts)
+    dz = torch.empty(z.shape, dtype=z.dtype, device=z.device)
+    compiled, ranges = _chunks(z, t)
+    for lo, hi in ranges:
+        _run(backward_chunk, compiled, dz[lo:hi], grad_rows[lo:hi], z[lo:hi], t[lo:hi], _part(labels, lo, hi),
+             stats[lo:hi], opts)
     return dz
+
+
+# Vocabulary slices (``vocab_parallel.py``): the two passes of a slice, each on the slice alone.
+
+def shard_stats_chunk(z, t, labels, opts: KDOptions) -> dict:
+    """The slice's own statistics of one chunk of rows ``z``, ``t`` ``(rows, V_r)``: ``MAX_*``, ``LOGS_*``,
+    ``FOUND_*``; for fkl ``MASS_P``, ``FKL`` and for rkl ``MASS_Q``, ``RKL`` of the slice's own softmaxes; with a
+    hard-label term at ``T != 1`` the slice's ``LOGS_CE`` (centred on its ``MAX_Z``)."""
+    divergence, temperature = opts.divergence, opts.temperature
+    dtype = compute_dtype(z, t)
+    zf, tf = z.to(dtype), t.to(dtype)
+    m_z, m_t = _row_max(zf), _row_max(tf)
+    a, e_z, s_z = _centred(zf, m_z, temperature)
+    b, e_t, s_t = _centred(tf, m_t, temperature)
+    cols = _stat_cols(m_z, s_z, m_t, s_t)
+    live = torch.minimum(a, b) != NEG_INF
+    log_ratio = cols[layout.LOGS_T] - cols[layout.LOGS_Z]
+    if divergence == "fkl":
+        cols[layout.MASS_P], cols[layout.FKL] = _kl_sums(e_t, s_t, b - a, live, log_ratio)
+    if divergence == "rkl":
+        cols[layout.MASS_Q], cols[layout.RKL] = _kl_sums(e_z, s_z, a - b, live, -log_ratio)
+    if labels is not None and opts.ce_weight != 0.0 and temperature != 1.0:
+        cols[layout.LOGS_CE] = _log_sum(_centred(zf, m_z, 1.0)[2])
+    return cols
+
+
+def shard_finish_chunk(z, t, stats, opts: KDOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    """The slice's part of ToDi's or a baseline's row sums, ``(loss, S)`` ``(rows,)`` (``S``: ``TODI_S`` or
+    ``Q_G``), from the rows' global ``MAX_*`` and ``LOGS_*`` in ``stats``."""
+    dtype = compute_dtype(z, t)
+    st = stats.to(dtype)
+    lq = _log_probs(z.to(dtype), st[:, layout.MAX_Z], st[:, layout.LOGS_Z], opts.temperature)
+    lp = _log_probs(t.to(dtype), st[:, layout.MAX_T], st[:, layout.LOGS_T], opts.temperature)
+    live = torch.minimum(lq, lp) != NEG_INF
+    if opts.divergence == "todi":
+        s, div = todi_sums(lq, lp, live, opts.todi_beta)
+    else:
+        s, div = baseline_sums(lq, lp, live, opts)
+    return div, s
+
+
+def shard_stats(z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, opts: KDOptions) -> torch.Tensor:
+    """``(N, NUM_STATS)``: :func:`shard_stats_chunk` of the slices ``z``, ``t`` ``(N, V_r)`` (NaN elsewhere)."""
+    stats = _stats_buffer(z, t)
+    compiled, ranges = _chunks(z, t)
+    for lo, hi in ranges:
+        for col, value in _run(shard_stats_chunk, compiled, z[lo:hi], t[lo:hi], _part(labels, lo, hi), opts).items():
+            stats[lo:hi, col] = value
+    return stats
+
+
+def shard_finish(z: torch.Tensor, t: torch.Tensor, stats: torch.Tensor, opts: KDOptions) -> torch.Tensor:
+    """``(N, 2)``: :func:`shard_finish_chunk`'s ``(loss, S)`` of the slices ``z``, ``t`` ``(N, V_r)``."""
+    out = torch.empty((z.shape[0], 2), dtype=compute_dtype(z, t), device=z.device)
+    compiled, ranges = _chunks(z, t)
+    for lo, hi in ranges:
+        out[lo:hi, 0], out[lo:hi, 1] = _run(shard_finish_chunk, compiled, z[lo:hi], t[lo:hi], stats[lo:hi], opts)
+    return out

@@ -110,6 +110,31 @@ def check_pair(student_logits: object, teacher_logits: object) -> None:
         raise ValueError("teacher_logits requires grad; the teacher is a constant target: pass .detach()")
 
 
+def check_weight(name: str, weight: object, bias_name: str, bias: object) -> None:
+    """An output layer: ``weight`` ``(V, hidden)`` float, ``bias`` None or ``(V,)`` of the weight's dtype."""
+    check_logits(name, weight)
+    if weight.dim() != 2:
+        raise ValueError(f"{name} must have shape (V, hidden), got {tuple(weight.shape)}")
+    if bias is None:
+        return
+    check_logits(bias_name, bias)
+    if tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{bias_name} must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if bias.dtype != weight.dtype:
+        raise TypeError(f"{bias_name} dtype {bias.dtype} must match {name} dtype {weight.dtype}")
+
+
+def check_hidden(name: str, hidden: object, weight_name: str, weight: torch.Tensor) -> None:
+    """Hidden states ``(..., hidden)`` for a checked ``weight`` ``(V, hidden)``: same hidden size and dtype."""
+    check_logits(name, hidden)
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"{name} hidden size {hidden.shape[-1]} must match {weight_name} shape {tuple(weight.shape)}[1]"
+        )
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"{name} dtype {hidden.dtype} must match {weight_name} dtype {weight.dtype}")
+
+
 def check_ce(ce_weight: float, labels: torch.Tensor | None) -> None:
     if ce_weight != 0.0 and labels is None:
         raise ValueError("ce_weight != 0 needs labels for the hard-label cross-entropy term")
@@ -134,3 +159,11 @@ def resolve_backend(backend: object, student_logits: torch.Tensor, teacher_logit
             if x.dtype == torch.float64:
                 raise TypeError(f"{name}: the triton backend takes float32, bfloat16 or float16, not float64")
     return backend
+
+
+def check_vocab_range(vocab_range: object, process_group: object) -> None:
+    """``vocab_range`` only with ``process_group`` (its values are checked against the logits where they are
+    used, ``vocab_parallel.range_shard``)."""
+    if vocab_range is not None and process_group is None:
+        raise ValueError("vocab_range gives this rank's slice of a vocabulary split over process_group: pass "
+                         "process_group too (or a DTensor, whose mesh gives both)")
