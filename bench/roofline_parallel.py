@@ -6,20 +6,19 @@ given and no CE term (``ce_weight = 0``, T = 1), default N = 8192, V = 128256. E
 of the vocabulary; the model takes the widest, ``V_r = ceil(V / world)`` (the slowest rank sets the pace). No GPU:
 the kernels are compiled for sm_90a as launched, as in ``bench.roofline``.
 
-**Kernels per rank** (the vocabulary-parallel path's fused shards). The launches of ``launch.kd_forward`` and
-``launch.kd_backward`` at vocab ``V_r`` (``aot.launched`` of ``aot.Case(divergence, "bf16", "bf16", "labels", V_r,
-N)``: ``HAS_LABELS=True``, ``HAS_CE=False``) are recorded, and of them the model keeps
+**Kernels per rank** (the vocabulary-parallel path's fused shards): the launches of ``launch.shard_stats``,
+``launch.shard_finish`` and ``launch.kd_backward`` on ``(N, V_r)`` slices, recorded on meta tensors exactly as the
+path makes them (labels given, no CE term):
 
-- forward pass 1: ``stats_kernel`` (every divergence);
-- forward pass 2: ``finish_kernel`` (todi, sfkl, srkl, jsd, tvd; fkl and rkl have none);
-- backward: ``grad_kernel``;
+- forward pass 1: ``stats_kernel`` (fkl's and rkl's own; for the other divergences the statistics-only variant,
+  tvd's, which AKL's slice uses too);
+- forward pass 2: ``finish_kernel`` (todi, sfkl, srkl, jsd, tvd; fkl, rkl and AKL have none);
+- backward: ``grad_kernel``.
 
-i.e. exactly the binaries the single-device op launches at ``V_r``. AKL's other kernels (refinement, rank,
-resolve) are dropped: on the vocabulary-parallel path its head/tail cut is the radix select of
-``torch_ops/akl_select.py`` (torch ops, see below). Each kept kernel is costed by ``bench.roofline.kernel_cost`` and
-``KernelCost.seconds`` (the same SASS walk and occupancy model; every assumption of ``bench/roofline.py`` holds),
-with one program per row: the ideal bound and the occupancy-aware estimates at 450 / 600 / 800 ns DRAM latency.
-The table's kernel time is the 600 ns estimate.
+On the vocabulary-parallel path AKL's head/tail cut is the radix select of ``torch_ops/akl_select.py`` (torch ops,
+see below). Each kernel is costed by ``bench.roofline.kernel_cost`` and ``KernelCost.seconds`` (the same SASS walk
+and occupancy model; every assumption of ``bench/roofline.py`` holds), with one program per row: the ideal bound
+and the occupancy-aware estimates at 450 / 600 / 800 ns DRAM latency. The table's kernel time is the 600 ns estimate.
 
 **AKL's torch ops** (bytes only, at full bandwidth: a lower bound; no launch overheads). After pass 1 the slice's
 ``q = exp(z - M_z - log s_z)`` and ``p = exp(t - M_t - log s_t)`` are formed (per tensor: cast to float32,
@@ -33,7 +32,8 @@ bytes x N x V_r / bandwidth.
 
 **All-reduces** (NCCL over NVLink, modelled as a ring): per forward ``collectives`` collectives (fkl, rkl: 2, one
 MAX of the maxima and one SUM; todi and the baselines: 3; akl: 3 + 2 per 8-bit level of the teacher's key, i.e. 7
-for bf16), plus ``LAYOUT_COLLECTIVES`` = 1 for the shard table (a ``(world, 4)`` int64 table, once per call), each
+for bf16), plus ``LAYOUT_COLLECTIVES`` = 0 for the shard table (the ranges come from ``vocab_range`` or the
+DTensor's mesh; the validation mode, ``process_group`` alone, adds one ``(world, 4)`` int64 table a call), each
 ``COLLECTIVE_LATENCY_US`` = 15 us; and their payload, ``N x bytes_per_row(divergence, world)`` bytes (imported from
 ``kdkernels.torch_ops.vocab_parallel``; ``_bytes_per_row_fallback``, a copy of its formula, if it moves), moved in
 ``2 (w - 1) / w x bytes / NVLINK_BYTES_S`` (a ring all-reduce's bus traffic) at ``NVLINK_BYTES_S`` = 450 GB/s per
@@ -59,7 +59,7 @@ WORLDS = (2, 4, 8)
 STUDENT = TEACHER = "bf16"
 NVLINK_BYTES_S = 450e9  # NVLink 4 (H100 / H200 SXM), per direction: 18 links x 25 GB/s
 COLLECTIVE_LATENCY_US = 15.0  # one small NCCL all-reduce on one node (launch, ring hops, completion)
-LAYOUT_COLLECTIVES = 1  # the shard table, once per call: (world, 4) int64
+LAYOUT_COLLECTIVES = 0  # the shard table: none with vocab_range or a DTensor (1 in the validation mode)
 LAYOUT_BYTES_PER_RANK = 32
 # AKL's torch ops (see the docstring): aten ops, bytes read and written per element of (N, V_r); bf16 teacher.
 AKL_TORCH_FALLBACK = dict(ops=39, read_bytes_per_elem=170.0, write_bytes_per_elem=123.0, source="fallback")
@@ -186,17 +186,25 @@ def akl_torch_traffic(rows: int = 4, width: int = 1024) -> dict:
 
 def rank_kernels(divergence: str, rows: int, width: int) -> list:
     """``(KernelCost, programs)`` of the kernels one rank launches on its ``(rows, width)`` slices."""
-    from kdkernels.kernels import aot
+    import torch
 
-    case = aot.Case(divergence, STUDENT, TEACHER, "labels", width, rows)
-    wanted = kernels_of(divergence)
-    records = [r for r in aot.launched(case) if aot.kernel_name(r) in wanted]
-    found = [aot.kernel_name(r) for r in records]
-    if sorted(found) != sorted(wanted):
-        raise RuntimeError(f"{divergence}: expected launches {wanted}, the launcher records {found}")
-    for r in records:
-        if r.meta.get("HAS_CE", False) or not r.meta.get("HAS_LABELS", True):
-            raise RuntimeError(f"{divergence}: {aot.kernel_name(r)} launched with HAS_CE / without HAS_LABELS")
+    from kdkernels.kernels import launch
+    from kdkernels.torch_ops.options import KDOptions
+
+    meta = torch.device("meta")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    z = torch.empty((rows, width), dtype=dtype[STUDENT], device=meta)
+    t = torch.empty((rows, width), dtype=dtype[TEACHER], device=meta)
+    labels = torch.empty(rows, dtype=torch.int64, device=meta)
+    opts = KDOptions(divergence)
+    with launch.recording() as records:
+        stats = launch.shard_stats(z, t, labels, opts)
+        if divergence in FINISH:
+            launch.shard_finish(z, t, stats, opts)
+        launch.kd_backward(torch.empty(rows, device=meta), z, t, labels, stats, opts)
+    found = [r.kernel.fn.__name__ for r in records]
+    if found != list(kernels_of(divergence)):
+        raise RuntimeError(f"{divergence}: expected launches {kernels_of(divergence)}, the launcher records {found}")
     return [(kernel_cost(r, STUDENT, TEACHER), math.prod(r.grid)) for r in records]
 
 
@@ -246,7 +254,7 @@ def print_report(r: dict) -> None:
           f"N={r['rows']} V={r['vocab']} bf16, labels, no CE term, slice V_r = ceil(V / world); sm_90a SASS as "
           f"launched (bench/roofline.py's model, DRAM latency {a['latency_ns']:g} ns); ring all-reduces over NVLink "
           f"at {a['nvlink_bytes_s'] / 1e9:g} GB/s per direction, {a['collective_latency_us']:g} us per collective "
-          f"(+{a['layout_collectives']} for the shard table).")
+          f"({a['layout_collectives']} for a shard table: ranges from vocab_range or the DTensor's mesh).")
     if r["akl_torch"]:
         k = r["akl_torch"]
         print(f"AKL: stats + grad kernels, and its cut and gap sums as torch ops ({k['source']}): {k['ops']} ops "

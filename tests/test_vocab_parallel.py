@@ -248,6 +248,22 @@ def invalid_data():
 SUBGROUP_CASE = ("torch", "akl", "sum", 2.0, 0.5, torch.float32, True, False)
 
 
+EMPTY_CASES = [("torch", d) for d in DIVERGENCES]
+if "triton" in BACKENDS:
+    EMPTY_CASES += [("triton", d) for d in ("fkl", "akl", "todi")]
+
+
+def empty_slice_loss_and_grad(case, rank: int, group):
+    """Rank 0 holds the whole vocabulary, the others an empty slice (explicit ranges): ``(loss, grad)``."""
+    backend, divergence = case
+    z, t, labels = data(torch.float32)
+    whole = slice(0, VOCAB) if rank == 0 else slice(VOCAB, VOCAB)
+    options = dict(temperature=2.0, ce_weight=0.5, **PARAMS.get(divergence, {}))
+    return loss_and_grad(lambda x: kd.kd_loss(x, t[..., whole], divergence, labels=labels, backend=backend,
+                                              process_group=group, vocab_range=(whole.start, whole.stop, VOCAB),
+                                              **options), z[..., whole])
+
+
 def _worker(rank: int, world: int, store: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
@@ -284,6 +300,7 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
         z, t, labels = invalid_data()
         results["invalid"][divergence] = kd.kd_loss(z[..., cols], t[..., cols], divergence, labels=labels,
                                                     ce_weight=0.5, reduction="none", process_group=group)
+    results["empty"] = {case: empty_slice_loss_and_grad(case, rank, group) for case in EMPTY_CASES}
     results["fused"] = {case: fused_loss_and_grads(case, cols, group) for case in FUSED_CASES}
     results["sparse"] = {case: sparse_loss_and_grad(case, cols, group) for case in SPARSE_CASES}
     results["bytes"] = _count_bytes(world, group)
@@ -352,6 +369,23 @@ def test_loss_and_grad_match_unsharded(ranks, index):
     keep = (labels != -100)[..., None] if with_labels else torch.ones(LEAD + (1,), dtype=torch.bool)
     assert (grad[~keep.expand_as(grad)] == 0).all()
     assert rel_err(losses[0], loss64) <= tol_loss and rel_err(grad, grad64) <= tol_grad
+
+
+@pytest.mark.parametrize("case", EMPTY_CASES, ids=["-".join(case) for case in EMPTY_CASES])
+def test_ranks_with_an_empty_slice(ranks, case):
+    """Ranks holding no entry of the vocabulary (``vocab_range=(V, V, V)``) add nothing: every rank's loss is the
+    unsharded one, rank 0 holds the whole gradient, the others an empty one."""
+    world, results = ranks
+    backend, divergence = case
+    z, t, labels = data(torch.float32)
+    options = dict(temperature=2.0, ce_weight=0.5, **PARAMS.get(divergence, {}))
+    loss64, grad64 = reference_loss_and_grad(z, t, divergence, labels=labels, **options)
+    tol_loss, tol_grad = TOLERANCE[torch.float32]
+    for rank, r in enumerate(results):
+        loss, grad = r["empty"][case]
+        assert rel_err(loss, loss64) <= tol_loss, (rank, rel_err(loss, loss64))
+        assert grad.shape == ((*LEAD, VOCAB) if rank == 0 else (*LEAD, 0))
+    assert rel_err(results[0]["empty"][case][1], grad64) <= tol_grad
 
 
 def test_a_subgroup_of_the_world(ranks):

@@ -75,7 +75,7 @@ def checked_loss(student_logits, teacher_logits, labels, opts: KDOptions, backen
     if dtensor.is_dtensor(student_logits) or dtensor.is_dtensor(teacher_logits):
         student_logits, teacher_logits, labels, process_group, vocab_range = dtensor.unwrap_logits(
             student_logits, teacher_logits, labels, process_group, vocab_range)
-    validate.check_pair(student_logits, teacher_logits)
+    validate.check_pair(student_logits, teacher_logits, sliced=process_group is not None)
     validate.check_labels(labels, student_logits)
     validate.check_ce(opts.ce_weight, labels)
     backend = validate.resolve_backend(backend, student_logits, teacher_logits)

@@ -13,7 +13,7 @@ import torch
 def flat_rows(x: torch.Tensor) -> torch.Tensor:
     """``x`` ``(..., V)`` as ``(N, V)`` rows whose vocabulary has unit stride (a view where it already has, so rows
     may still be strided; a contiguous copy otherwise)."""
-    x = x.reshape(-1, x.shape[-1])
+    x = x.reshape(x.shape[:-1].numel(), x.shape[-1])  # not -1: a vocabulary slice may be empty
     return x if x.stride(-1) == 1 else x.contiguous()
 
 

@@ -81,7 +81,7 @@ def sparse_kd_loss(
         dtensor.local(x, name) for x, name in ((teacher_indices, "teacher_indices"),
                                                (teacher_logprobs, "teacher_logprobs"),
                                                (teacher_rest_logprob, "teacher_rest_logprob"), (labels, "labels")))
-    validate.check_logits("student_logits", student_logits)
+    validate.check_logits("student_logits", student_logits, least=0 if process_group is not None else 1)
     check_sparse_teacher(student_logits, teacher_indices, teacher_logprobs)
     check_rest(student_logits, teacher_rest_logprob)
     opts = loss_options(divergence, **options)

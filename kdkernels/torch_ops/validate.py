@@ -17,13 +17,14 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 BACKENDS = ("auto", "triton", "torch", "reference")
 
 
-def check_logits(name: str, x: object) -> None:
+def check_logits(name: str, x: object, least: int = 1) -> None:
+    """A float tensor of shape ``(..., V)`` with ``V >= least`` (0: a vocabulary slice may be empty)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
-    if x.dim() < 1 or x.shape[-1] < 1:
-        raise ValueError(f"{name} must have shape (..., V) with V >= 1, got {tuple(x.shape)}")
+    if x.dim() < 1 or x.shape[-1] < least:
+        raise ValueError(f"{name} must have shape (..., V) with V >= {least}, got {tuple(x.shape)}")
 
 
 def check_number(name: str, value: object, *, low: float | None = None, high: float | None = None,
@@ -93,10 +94,11 @@ def check_labels(labels: object, student_logits: torch.Tensor) -> None:
         raise ValueError(f"labels is on {labels.device} but student_logits is on {student_logits.device}")
 
 
-def check_pair(student_logits: object, teacher_logits: object) -> None:
-    """Both logits valid, same shape and device; the teacher a constant."""
-    check_logits("student_logits", student_logits)
-    check_logits("teacher_logits", teacher_logits)
+def check_pair(student_logits: object, teacher_logits: object, sliced: bool = False) -> None:
+    """Both logits valid, same shape and device; the teacher a constant. ``sliced``: this rank's slices of a
+    vocabulary split over a group, which may be empty."""
+    check_logits("student_logits", student_logits, least=0 if sliced else 1)
+    check_logits("teacher_logits", teacher_logits, least=0 if sliced else 1)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"teacher_logits shape {tuple(teacher_logits.shape)} must match student_logits shape "

@@ -24,7 +24,8 @@ compiled chunk functions: ``op.shard_stats``, ``op.shard_finish``) and combines 
    ``R``, the radix select of ``akl_select.akl_tail_select`` with its per-level mass histograms summed over the group
    (256 numbers per row per 8-bit level of the teacher's key: 2 levels for 16-bit teachers, 4 for float32, 8 for
    float64) and each rank's count of keys equal to the cut (an ``(N, world)`` int32 table), then the head and tail
-   gaps: one all-reduce SUM of those six sums.
+   gaps: one all-reduce SUM of those six sums. On the CPU each chunk runs through ``torch.compile``, its
+   collectives inside (``torch_backend._run``); on a GPU these are eager torch ops.
 
 The statistics (``layout.py``) then hold the global values, so the backward is the backend's own gradient pass on
 the slice (``op.kd_backward``) with ``ce_weight = 0``; the hard-label gradient ``g ce_weight (softmax(z) -
