@@ -1,20 +1,20 @@
 """``DTensor`` inputs (PyTorch's tensor parallelism) and explicit vocabulary ranges, under gloo on the CPU.
 
 Spawned processes, once per world size (2 ranks, and 3 in the exhaustive run; ``V = 37``, which ``torch.chunk``
-splits unevenly: 19/18 and 13/13/11), do every case and pickle their results to the parent, which compares them with the unsharded float64
-reference (``kd_loss_reference``): ``kd_loss`` of student and teacher logits placed ``Shard(-1)`` on a 1-D mesh for
-every divergence, two temperatures, every reduction, with and without labels and a hard-label term, ``-inf``
-entries and NaN-padded ignored rows, on 3-D and 2-D logits; the loss is a plain tensor and the gradient a DTensor
-of the student's placements. Then a plain teacher given as the local shard, replicated labels, ``KDLoss``, and the
-errors (a ``process_group`` or ``vocab_range`` with a DTensor, ``Partial`` placements, a teacher placed otherwise);
-``sparse_kd_loss`` of a DTensor student against a top-k teacher; ``fused_linear_kd_loss`` with output layers placed
-``Shard(0)`` and plain or replicated hidden states. The workers also run the explicit-range path
-(``process_group=``, ``vocab_range=``) under a dispatch-level check that no tensor value is read back to the host
-(``test_host_sync.py``'s, which also catches ``Tensor.tolist``): it passes with explicit ranges and catches the shape
-table that the validation mode reads. Further runs: a 2 x 2 mesh (4 processes: data parallel outside, tensor parallel
-inside), ``torch.compile(fullgraph=True)`` of the DTensor and explicit-range losses against eager (``aot_eager`` and
-two cases in the quick run; inductor and every case in the exhaustive one), and the torchrun
-example ``examples/tensor_parallel.py`` against one process.
+splits unevenly: 19/18 and 13/13/11), do every case and pickle their results to the parent, which compares them with
+the unsharded float64 reference (``kd_loss_reference``): ``kd_loss`` of student and teacher logits placed
+``Shard(-1)`` on a 1-D mesh for every divergence, two temperatures, every reduction, with and without labels and a
+hard-label term, ``-inf`` entries and NaN-padded ignored rows, on 3-D and 2-D logits; the loss is a plain tensor and
+the gradient a DTensor of the student's placements. Then a plain teacher given as the local shard, replicated
+labels, ``KDLoss``, and the errors (a ``process_group`` or ``vocab_range`` with a DTensor, ``Partial`` placements, a
+teacher placed otherwise); ``sparse_kd_loss`` of a DTensor student against a top-k teacher; ``fused_linear_kd_loss``
+with output layers placed ``Shard(0)`` and plain or replicated hidden states. The workers also run the
+explicit-range path (``process_group=``, ``vocab_range=``) under a dispatch-level check that no tensor value is read
+back to the host (``test_host_sync.py``'s, which also catches ``Tensor.tolist``): it passes with explicit ranges and
+catches the shape table that the validation mode reads. Further runs: a 2 x 2 mesh (4 processes: data parallel
+outside, tensor parallel inside), ``torch.compile(fullgraph=True)`` of the DTensor and explicit-range losses against
+eager (``aot_eager`` and two cases in the quick run; inductor and every case in the exhaustive one), and the
+torchrun example ``examples/tensor_parallel.py`` against one process.
 """
 
 from __future__ import annotations
