@@ -81,7 +81,7 @@ def test_ring_allreduce_time():
     comm = rp.allreduce("fkl", 1000, 4)
     per_row, _ = rp.bytes_per_row("fkl", 4)
     assert comm["bytes_per_row"] == per_row and comm["collectives"] == 2 + rp.LAYOUT_COLLECTIVES
-    payload = 1000 * per_row + rp.LAYOUT_BYTES_PER_RANK * 4
+    payload = 1000 * per_row + rp.LAYOUT_COLLECTIVES * rp.LAYOUT_BYTES_PER_RANK * 4
     assert comm["payload_bytes"] == payload
     assert comm["seconds"] == pytest.approx(rp.allreduce_seconds(payload, 4, comm["collectives"]))
 
