@@ -11,10 +11,10 @@ teacher placed otherwise); ``sparse_kd_loss`` of a DTensor student against a top
 with output layers placed ``Shard(0)`` and plain or replicated hidden states. The workers also run the
 explicit-range path (``process_group=``, ``vocab_range=``) under a dispatch-level check that no tensor value is read
 back to the host (``test_host_sync.py``'s, which also catches ``Tensor.tolist``): it passes with explicit ranges and
-catches the shape table that the validation mode reads. Further runs: a 2 x 2 mesh (4 processes: data parallel
-outside, tensor parallel inside), ``torch.compile(fullgraph=True)`` of the DTensor and explicit-range losses against
-eager (``aot_eager`` and two cases in the quick run; inductor and every case in the exhaustive one), and the
-torchrun example ``examples/tensor_parallel.py`` against one process.
+catches the shape table that the validation mode reads. Further runs: a 2 x 2 mesh (4 processes, in the exhaustive
+run: data parallel outside, tensor parallel inside), ``torch.compile(fullgraph=True)`` of the DTensor and
+explicit-range losses against eager (``aot_eager`` and two cases in the quick run; inductor and every case in the
+exhaustive one), and the torchrun example ``examples/tensor_parallel.py`` against one process.
 """
 
 from __future__ import annotations
@@ -478,6 +478,7 @@ def mesh_ranks(tmp_path_factory):
     return spawned(_mesh_worker, 4, tmp_path_factory)
 
 
+@pytest.mark.full  # 4 processes on 2 cores: the exhaustive run (CI)
 @pytest.mark.parametrize("case", MESH_CASES, ids=["-".join(map(str, case)) for case in MESH_CASES])
 def test_2d_mesh_data_parallel_outside_tensor_parallel_inside(mesh_ranks, case):
     divergence, reduction, temperature, ce, rows = case
@@ -501,6 +502,7 @@ def test_2d_mesh_data_parallel_outside_tensor_parallel_inside(mesh_ranks, case):
         assert rel_err(result["grad"], grad_ref) <= TOL_GRAD, (dp, tp, rel_err(result["grad"], grad_ref))
 
 
+@pytest.mark.full
 def test_2d_mesh_refuses_a_vocabulary_sharded_twice(mesh_ranks):
     for r in mesh_ranks:
         assert r["two vocabulary dims"][0] == "raised", r["two vocabulary dims"]
