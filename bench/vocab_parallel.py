@@ -160,6 +160,7 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out_path: str) -> None:
                       f"{row['forward_backward_ms']:10.2f} ms", file=sys.stderr, flush=True)
         if rank == 0:
             Path(out_path).write_text(json.dumps(dict(results=results, kdkernels_file=kdkernels.__file__)))
+        dist.barrier()  # no rank tears gloo down while another still talks to it (an abort at exit otherwise)
     finally:
         dist.destroy_process_group()
 
