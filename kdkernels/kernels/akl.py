@@ -50,15 +50,15 @@ from kdkernels.kernels.common import (
     R_TAIL,
     RKL_COL,
     key_value,
+    load_block,
     load_key,
     log2_probs,
     order_key,
     pick,
-    refill,
     row_keep,
     store_key,
     store_row_loss,
-    stream_start,
+    whole_blocks,
 )
 
 
@@ -120,7 +120,7 @@ def akl_refine_kernel(
     t_ptr, labels_ptr, stats_ptr, akl_ptr,
     V, stride_t, inv_t, ignore_index, akl_alpha,
     HAS_LABELS: tl.constexpr, KEY_BITS: tl.constexpr, WAYS: tl.constexpr, CAPACITY: tl.constexpr,
-    MAX_ROUNDS: tl.constexpr, BLOCK_V: tl.constexpr, SLOTS: tl.constexpr,
+    MAX_ROUNDS: tl.constexpr, BLOCK_V: tl.constexpr, STAGES: tl.constexpr, UNROLL: tl.constexpr,
 ):
     """Narrow the bracket of rows that may hold more than ``CAPACITY`` entries, by passes over ``t`` alone.
 
@@ -130,7 +130,7 @@ def akl_refine_kernel(
     entries (``count_bound``) is at most ``CAPACITY`` or it is one key. The key splits alone leave a part of at most
     ``ceil(range / (WAYS / 2))`` keys, so ``MAX_ROUNDS = ceil(KEY_BITS / log2(WAYS / 2))`` rounds reach one key
     whatever the teacher, and the loop stops there. Other rows return at once. Entries past ``V`` read as -inf
-    (mass 0). ``SLOTS`` (1 or 3): blocks held in registers (``common.stream_start``).
+    (mass 0). ``STAGES``: the loop's pipeline depth (``common.whole_blocks``).
     """
     KEY_WAYS: tl.constexpr = WAYS // 2
     tl.static_assert(WAYS == 8, "the refinement keeps one sum per split: 8 of them")
@@ -166,20 +166,13 @@ def akl_refine_kernel(
         top = (k_hi - 1).to(tl.uint32)
         zero = tl.zeros([BLOCK_V], tl.float32)  # per lane: the mass below each split, and at or below ``top``
         masses = (zero, zero, zero, zero, zero, zero, zero, zero, zero)
-        t_a, t_b, t_c = stream_start(t_row, lanes, V, BLOCK_V, SLOTS)
-        for start in range(0, V, SLOTS * BLOCK_V):
-            offs = start + lanes
-            if SLOTS == 3:
-                masses = _refine_block(t_a, masses, split_k, top, max_t, log_st, scale2, KEY_BITS)
-                t_a = refill(t_row, offs + 3 * BLOCK_V, V)
-                masses = _refine_block(t_b, masses, split_k, top, max_t, log_st, scale2, KEY_BITS)
-                t_b = refill(t_row, offs + 4 * BLOCK_V, V)
-                masses = _refine_block(t_c, masses, split_k, top, max_t, log_st, scale2, KEY_BITS)
-                t_c = refill(t_row, offs + 5 * BLOCK_V, V)
-            else:
-                t_in = t_a
-                t_a = refill(t_row, offs + BLOCK_V, V)
-                masses = _refine_block(t_in, masses, split_k, top, max_t, log_st, scale2, KEY_BITS)
+        full = whole_blocks(V, BLOCK_V)
+        for start in tl.range(0, full, BLOCK_V, num_stages=STAGES, loop_unroll_factor=UNROLL):
+            masses = _refine_block(tl.load(t_row + start + lanes), masses, split_k, top, max_t, log_st, scale2,
+                                   KEY_BITS)
+        offs = full + lanes
+        masses = _refine_block(load_block(t_row, offs, offs < V), masses, split_k, top, max_t, log_st, scale2,
+                               KEY_BITS)
         m0, m1, m2, m3, m4, m5, m6, m7, mass_top = masses
         mass = tl.where(ways == 0, tl.sum(m0, axis=0), tl.where(ways == 1, tl.sum(m1, axis=0), tl.where(
             ways == 2, tl.sum(m2, axis=0), tl.where(ways == 3, tl.sum(m3, axis=0), tl.where(

@@ -42,12 +42,12 @@ from kdkernels.kernels.common import (
     TODI,
     TODI_S,
     TVD,
+    load_block,
     log2_probs,
     mixture,
-    refill,
     row_keep,
-    stream_start,
     todi_weights,
+    whole_blocks,
 )
 
 
@@ -115,13 +115,14 @@ def grad_kernel(
     V, stride_z, stride_t, stride_dz, inv_t, ignore_index, kd_weight, ce_weight, todi_beta,
     w_x, w_y,
     DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, CE_SHARES_Z: tl.constexpr,
-    BLOCK_V: tl.constexpr, SLOTS: tl.constexpr,
+    BLOCK_V: tl.constexpr, STAGES: tl.constexpr,
+    UNROLL: tl.constexpr,
 ):
     """dz: (N, V) in the student's dtype at ``stride_dz``; grad_rows: (N,) float32.
 
     ``CE_SHARES_Z``: T == 1, so ``softmax(z)`` is ``q``. ``w_x, w_y``: the mixture weights of
-    ``forward.finish_kernel`` (sfkl, srkl, jsd). ``SLOTS`` (1 or 3): blocks held in registers (``common.py``,
-    :func:`stream_start`).
+    ``forward.finish_kernel`` (sfkl, srkl, jsd). ``STAGES``: the loop's pipeline depth
+    (``common.whole_blocks``).
     """
     MIXTURE: tl.constexpr = (DIVERGENCE == SFKL) or (DIVERGENCE == SRKL) or (DIVERGENCE == JSD)
     NEED_F: tl.constexpr = (DIVERGENCE == FKL) or (DIVERGENCE == AKL)
@@ -169,32 +170,15 @@ def grad_kernel(
         max_c = tl.load(stats_row + MAX_CE)
         log_sc = tl.load(stats_row + LOGS_CE)
     lanes = tl.arange(0, BLOCK_V)
-    z_a, z_b, z_c = stream_start(z_row, lanes, limit, BLOCK_V, SLOTS)
-    t_a, t_b, t_c = stream_start(t_row, lanes, limit, BLOCK_V, SLOTS)
-    for start in range(0, V, SLOTS * BLOCK_V):
+    full = whole_blocks(limit, BLOCK_V)
+    for start in tl.range(0, full, BLOCK_V, num_stages=STAGES, loop_unroll_factor=UNROLL):
         offs = start + lanes
-        if SLOTS == 3:
-            _grad_block(z_a, t_a, offs, V, dz_row, scale2, max_z, log_sz, max_t, log_st, mass_p, r_plus_q, r_h,
-                        r_t, s_ab, q_g, scale_kd, scale_ce, target, max_c, log_sc, todi_beta, w_x, w_y, DIVERGENCE,
-                        HAS_CE, CE_SHARES_Z)
-            z_a = refill(z_row, offs + 3 * BLOCK_V, limit)
-            t_a = refill(t_row, offs + 3 * BLOCK_V, limit)
-            _grad_block(z_b, t_b, offs + BLOCK_V, V, dz_row, scale2, max_z, log_sz, max_t, log_st, mass_p, r_plus_q,
-                        r_h, r_t, s_ab, q_g, scale_kd, scale_ce, target, max_c, log_sc, todi_beta, w_x, w_y,
-                        DIVERGENCE, HAS_CE, CE_SHARES_Z)
-            z_b = refill(z_row, offs + 4 * BLOCK_V, limit)
-            t_b = refill(t_row, offs + 4 * BLOCK_V, limit)
-            _grad_block(z_c, t_c, offs + 2 * BLOCK_V, V, dz_row, scale2, max_z, log_sz, max_t, log_st, mass_p,
-                        r_plus_q, r_h, r_t, s_ab, q_g, scale_kd, scale_ce, target, max_c, log_sc, todi_beta, w_x,
-                        w_y, DIVERGENCE, HAS_CE, CE_SHARES_Z)
-            z_c = refill(z_row, offs + 5 * BLOCK_V, limit)
-            t_c = refill(t_row, offs + 5 * BLOCK_V, limit)
-        else:
-            z_in = z_a
-            t_in = t_a
-            z_a = refill(z_row, offs + BLOCK_V, limit)
-            t_a = refill(t_row, offs + BLOCK_V, limit)
-            _grad_block(z_in, t_in, offs, V, dz_row, scale2, max_z, log_sz, max_t, log_st, mass_p, r_plus_q, r_h,
-                        r_t, s_ab, q_g, scale_kd, scale_ce, target, max_c, log_sc, todi_beta, w_x, w_y, DIVERGENCE,
-                        HAS_CE, CE_SHARES_Z)
-
+        _grad_block(tl.load(z_row + offs), tl.load(t_row + offs), offs, V, dz_row, scale2, max_z, log_sz, max_t,
+                    log_st, mass_p, r_plus_q, r_h, r_t, s_ab, q_g, scale_kd, scale_ce, target, max_c, log_sc, todi_beta,
+                    w_x, w_y, DIVERGENCE, HAS_CE, CE_SHARES_Z)
+    offs = full + lanes  # the partial block (ignored rows: the first block, zeros)
+    _grad_block(load_block(z_row, offs, offs < limit), load_block(t_row, offs, offs < limit), offs, V, dz_row, scale2,
+                max_z, log_sz, max_t, log_st, mass_p, r_plus_q, r_h, r_t, s_ab, q_g, scale_kd, scale_ce, target, max_c,
+                log_sc, todi_beta, w_x, w_y, DIVERGENCE, HAS_CE, CE_SHARES_Z)
+    for start in range(BLOCK_V, tl.where(keep, 0, V), BLOCK_V):  # ignored rows: zeros past the first block
+        tl.store(dz_row + start + lanes, tl.zeros([BLOCK_V], dz_row.dtype.element_ty), mask=start + lanes < V)

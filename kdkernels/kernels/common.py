@@ -116,28 +116,15 @@ def stored_max(row_max, total):
 
 
 @triton.jit
-def refill(row_ptr, offs, limit):
-    """Issue the load of the block of a row at ``offs`` (-inf at and past ``limit``)."""
-    return load_block(row_ptr, offs, offs < limit)
+def whole_blocks(limit, BLOCK_V: tl.constexpr):
+    """Where a row's whole blocks end: ``limit`` rounded down to a multiple of ``BLOCK_V``.
 
-
-@triton.jit
-def stream_start(row_ptr, lanes, limit, BLOCK_V: tl.constexpr, SLOTS: tl.constexpr):
-    """The first ``SLOTS`` (1 or 3) blocks of a streamed row, ``(a, b, c)`` (``b`` and ``c`` repeat ``a`` when
-    ``SLOTS`` is 1).
-
-    The streaming loops keep their loads in flight while they compute (software pipelining in registers). With 3
-    slots a loop iteration handles 3 blocks, and refills each slot with the block 3 on as soon as it has used it, so
-    two blocks are in flight while one is used, and no register that a load is filling is copied (a copy would wait
-    for the load). With 1 slot, each iteration issues the next block's load before it uses the current one (the
-    copy at the end of the iteration waits for it): one block in flight, enough for 8-byte elements."""
-    a = load_block(row_ptr, lanes, lanes < limit)
-    b = a
-    c = a
-    if SLOTS == 3:
-        b = load_block(row_ptr, BLOCK_V + lanes, BLOCK_V + lanes < limit)
-        c = load_block(row_ptr, 2 * BLOCK_V + lanes, 2 * BLOCK_V + lanes < limit)
-    return a, b, c
+    Every streaming loop reads ``[0, whole_blocks)`` block by block without a mask, in a ``tl.range`` with
+    ``num_stages=STAGES``: Triton's pipeliner turns those loads into asynchronous copies to shared memory issued
+    ``STAGES - 1`` blocks ahead (``cp.async``, no registers held while they are in flight), so the memory stays busy
+    while a block is used (SPEC §6). The partial block ``[whole_blocks, limit)`` (and past it, -inf) is read once
+    after the loop with :func:`load_block`'s mask."""
+    return limit - limit % BLOCK_V
 
 
 @triton.jit

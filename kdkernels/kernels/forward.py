@@ -11,10 +11,11 @@ Passes over the logits in the forward (the backward adds one over ``z`` and ``t`
   ``finish_kernel``: per entry the mixture (or ``|p - q|``) needs both final log-sum-exps; it sums the loss and
   ``Q_G = sum_m q g``, ``g = dL/dq``, which makes the gradient one pass (``backward.py``).
 
-Every sum is kept per lane (a ``BLOCK_V`` vector) and reduced once at the end of the row; the block maximum
-rescales them when it grows. Work is in base 2 (``exp2``, ``scale2 = log2(e) / T``); the row maximum of the raw
-logits and the log of the sum are stored apart (``MAX_*``, ``LOGS_*``), so probabilities are rebuilt as
-``exp2((x - max) * scale2 - log2 s)`` at any logit magnitude. A row's maximum starts at -inf: rows of
+Every sum is kept per lane (a ``BLOCK_V`` vector) and reduced once at the end of the row; each lane's running
+maximum rescales its sums when it grows. The loops are pipelined (``common.whole_blocks``). Work is in base 2
+(``exp2``, ``scale2 = log2(e) / T``); the row maximum of the raw logits and the log of the sum are stored apart
+(``MAX_*``, ``LOGS_*``), so probabilities are rebuilt as ``exp2((x - max) * scale2 - log2 s)`` at any logit
+magnitude. A row's maximum starts at -inf: rows of
 ``finfo.min`` are ordinary rows.
 """
 
@@ -61,19 +62,19 @@ from kdkernels.kernels.common import (
     TVD,
     lane_total,
     lane_update,
+    load_block,
     load_key,
     log2_probs,
     mixture,
     order_key,
     pick,
-    refill,
     row_keep,
     safe_log,
     safe_max,
     store_row_loss,
     stored_max,
-    stream_start,
     todi_weights,
+    whole_blocks,
 )
 
 
@@ -126,15 +127,16 @@ def stats_kernel(
     z_ptr, t_ptr, labels_ptr, loss_ptr, stats_ptr, akl_ptr,
     V, stride_z, stride_t, inv_t, ignore_index, kd_weight, ce_weight, akl_alpha, hint_width,
     DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, CE_SHARES_Z: tl.constexpr,
-    KEY_BITS: tl.constexpr, HINT_BINS: tl.constexpr, BLOCK_V: tl.constexpr, SLOTS: tl.constexpr,
+    KEY_BITS: tl.constexpr, HINT_BINS: tl.constexpr, BLOCK_V: tl.constexpr, STAGES: tl.constexpr,
+    UNROLL: tl.constexpr,
 ):
     """First pass: row maxima and log-sums, CE, ``P``, ``F`` (fkl), ``Q``, ``R`` (rkl), AKL's bracket.
 
     z, t: (N, V) rows at ``stride_z``/``stride_t``; labels: (N,) int64 if HAS_LABELS; loss: (N,) float32
     (written for fkl/rkl); stats: (N, NUM_STATS) float32; akl: (N, AKL_COLS) float32 (AKL only).
     ``CE_SHARES_Z``: T == 1, so the CE term's log-sum-exp is the student's. ``hint_width``: AKL's ``W``
-    (``akl.py``), ``KEY_BITS`` the width of the teacher's order keys. ``SLOTS`` (1 or 3): blocks held in registers
-    (``common.stream_start``).
+    (``akl.py``), ``KEY_BITS`` the width of the teacher's order keys. ``STAGES``: the loop's pipeline depth
+    (``common.whole_blocks``).
 
     Every lane keeps its own running maxima of ``z`` and ``t`` and the sums centred on them (:func:`lane_update`),
     so the loop has no block-wide reduction; fkl's ``a_f = sum_m e_t (c_t - c_z)`` (``c`` the centred log2
@@ -163,8 +165,6 @@ def stats_kernel(
     p_s = tl.zeros([BLOCK_V], tl.float32)  # sum_m e_t
     a_r = tl.zeros([BLOCK_V], tl.float32)  # sum_m e_z (c_z - c_t)
     q_s = tl.zeros([BLOCK_V], tl.float32)  # sum_m e_z
-    z_a, z_b, z_c = stream_start(z_row, lanes, limit, BLOCK_V, SLOTS)
-    t_a, t_b, t_c = stream_start(t_row, lanes, limit, BLOCK_V, SLOTS)
     bins = tl.arange(0, HINT_BINS)
     # AKL: per lane, mass below each threshold (thresholds first: each lane keeps its own) and smallest logit;
     # the thresholds are fixed by the first block's maximum, their masses relative to the top one (never above 1)
@@ -176,33 +176,20 @@ def stats_kernel(
     thr_keys = tl.zeros([HINT_BINS], tl.uint32)
     thr_top = 0.0
     if DIVERGENCE == AKL:
-        thr, thr_keys = hint_thresholds(safe_max(tl.max(t_a.to(tl.float32), axis=0)), hint_width, bins,
-                                        t_ptr.dtype.element_ty, KEY_BITS)
+        first = load_block(t_row, lanes, lanes < limit).to(tl.float32)
+        thr, thr_keys = hint_thresholds(safe_max(tl.max(first, axis=0)), hint_width, bins, t_ptr.dtype.element_ty,
+                                        KEY_BITS)
         thr_top = tl.max(thr, axis=0)
     thr_k = (pick(thr_keys, bins, 0), pick(thr_keys, bins, 1), pick(thr_keys, bins, 2), pick(thr_keys, bins, 3))
     state = (m_z, m_t, s_z, s_t, s_c, a_f, p_s, a_r, q_s, lt_mass, min_t)
-    for start in range(0, V, SLOTS * BLOCK_V):
+    full = whole_blocks(limit, BLOCK_V)
+    for start in tl.range(0, full, BLOCK_V, num_stages=STAGES, loop_unroll_factor=UNROLL):
         offs = start + lanes
-        if SLOTS == 3:
-            state = _stats_block(z_a, t_a, offs, limit, state, scale2, ce_scale, thr_k, thr_top, DIVERGENCE,
-                                 OWN_CE, KEY_BITS)
-            z_a = refill(z_row, offs + 3 * BLOCK_V, limit)
-            t_a = refill(t_row, offs + 3 * BLOCK_V, limit)
-            state = _stats_block(z_b, t_b, offs + BLOCK_V, limit, state, scale2, ce_scale, thr_k, thr_top,
-                                 DIVERGENCE, OWN_CE, KEY_BITS)
-            z_b = refill(z_row, offs + 4 * BLOCK_V, limit)
-            t_b = refill(t_row, offs + 4 * BLOCK_V, limit)
-            state = _stats_block(z_c, t_c, offs + 2 * BLOCK_V, limit, state, scale2, ce_scale, thr_k, thr_top,
-                                 DIVERGENCE, OWN_CE, KEY_BITS)
-            z_c = refill(z_row, offs + 5 * BLOCK_V, limit)
-            t_c = refill(t_row, offs + 5 * BLOCK_V, limit)
-        else:
-            z_in = z_a
-            t_in = t_a
-            z_a = refill(z_row, offs + BLOCK_V, limit)
-            t_a = refill(t_row, offs + BLOCK_V, limit)
-            state = _stats_block(z_in, t_in, offs, limit, state, scale2, ce_scale, thr_k, thr_top, DIVERGENCE,
-                                 OWN_CE, KEY_BITS)
+        state = _stats_block(tl.load(z_row + offs), tl.load(t_row + offs), offs, limit, state, scale2, ce_scale,
+                             thr_k, thr_top, DIVERGENCE, OWN_CE, KEY_BITS)
+    offs = full + lanes
+    state = _stats_block(load_block(z_row, offs, offs < limit), load_block(t_row, offs, offs < limit), offs, limit,
+                         state, scale2, ce_scale, thr_k, thr_top, DIVERGENCE, OWN_CE, KEY_BITS)
     m_z, m_t, s_z, s_t, s_c, a_f, p_s, a_r, q_s, lt_mass, min_t = state
 
     max_z, sum_z = lane_total(m_z, s_z, scale2)
@@ -334,7 +321,8 @@ def finish_kernel(
     V, stride_z, stride_t, inv_t, ignore_index, kd_weight, ce_weight, akl_alpha, todi_beta,
     w_x, w_y,
     DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, KEY_BITS: tl.constexpr,
-    CAPACITY: tl.constexpr, BLOCK_V: tl.constexpr, SLOTS: tl.constexpr,
+    CAPACITY: tl.constexpr, BLOCK_V: tl.constexpr, STAGES: tl.constexpr,
+    UNROLL: tl.constexpr,
 ):
     """Last pass over ``z`` and ``t`` of the forward, with the final maxima and log-sums known.
 
@@ -345,8 +333,7 @@ def finish_kernel(
     Inside the bracket: with at most ``CAPACITY`` entries, their indices go to ``list`` ((N, CAPACITY) int32,
     in any order: slots from an atomic counter, whose returned slots are used one block later so that the loop
     never waits for the atomic) for ``akl_resolve_kernel``; otherwise the bracket is one key and the entries up to
-    ``akl_rank_kernel``'s cut index are tail. ``SLOTS`` (1 or 3): blocks held in registers
-    current block is used.
+    ``akl_rank_kernel``'s cut index are tail. ``STAGES``: the loop's pipeline depth (``common.whole_blocks``).
 
     sfkl, srkl, jsd (SPEC §2b): the mixture ``M = w_x X + w_y Y`` of :func:`mixture`, ``lxm = log2(X / M)``:
     sfkl ``X = p``, ``Y = q``, ``w_x = lambda``; srkl ``X = q``, ``Y = p``, ``w_x = lambda``; jsd ``X = p``,
@@ -397,41 +384,22 @@ def finish_kernel(
     # AKL: the list slots of the previous block's listed entries (-1: not listed), stored once they have arrived
     held_slot = tl.full([BLOCK_V], -1, tl.int32)
     state = (s_a, s_b, acc, acc_g, g_tail, g_head, mass_below, f_sum, r_sum, p_sum, q_sum, held_slot)
-    z_a, z_b, z_c = stream_start(z_row, lanes, limit, BLOCK_V, SLOTS)
-    t_a, t_b, t_c = stream_start(t_row, lanes, limit, BLOCK_V, SLOTS)
-    for start in range(0, V, SLOTS * BLOCK_V):
+    full = whole_blocks(limit, BLOCK_V)
+    for start in tl.range(0, full, BLOCK_V, num_stages=STAGES, loop_unroll_factor=UNROLL):
         offs = start + lanes
-        if SLOTS == 3:
-            state = _finish_block(z_a, t_a, offs, limit, state, max_z, log_sz, max_t, log_st,
-                                  scale2, todi_beta, w_x, w_y, lo, top, by_rank, cut, akl_row, list_row,
-                                  DIVERGENCE, KEY_BITS, CAPACITY, BLOCK_V)
-            z_a = refill(z_row, offs + 3 * BLOCK_V, limit)
-            t_a = refill(t_row, offs + 3 * BLOCK_V, limit)
-            state = _finish_block(z_b, t_b, offs + BLOCK_V, limit, state, max_z, log_sz, max_t, log_st,
-                                  scale2, todi_beta, w_x, w_y, lo, top, by_rank, cut, akl_row, list_row,
-                                  DIVERGENCE, KEY_BITS, CAPACITY, BLOCK_V)
-            z_b = refill(z_row, offs + 4 * BLOCK_V, limit)
-            t_b = refill(t_row, offs + 4 * BLOCK_V, limit)
-            state = _finish_block(z_c, t_c, offs + 2 * BLOCK_V, limit, state, max_z, log_sz, max_t, log_st,
-                                  scale2, todi_beta, w_x, w_y, lo, top, by_rank, cut, akl_row, list_row,
-                                  DIVERGENCE, KEY_BITS, CAPACITY, BLOCK_V)
-            z_c = refill(z_row, offs + 5 * BLOCK_V, limit)
-            t_c = refill(t_row, offs + 5 * BLOCK_V, limit)
-        else:
-            z_in = z_a
-            t_in = t_a
-            z_a = refill(z_row, offs + BLOCK_V, limit)
-            t_a = refill(t_row, offs + BLOCK_V, limit)
-            state = _finish_block(z_in, t_in, offs, limit, state, max_z, log_sz, max_t, log_st,
-                                  scale2, todi_beta, w_x, w_y, lo, top, by_rank, cut, akl_row, list_row,
-                                  DIVERGENCE, KEY_BITS, CAPACITY, BLOCK_V)
+        state = _finish_block(tl.load(z_row + offs), tl.load(t_row + offs), offs, limit, state, max_z, log_sz, max_t,
+                              log_st, scale2, todi_beta, w_x, w_y, lo, top, by_rank, cut, akl_row, list_row,
+                              DIVERGENCE, KEY_BITS, CAPACITY, BLOCK_V)
+    offs = full + lanes
+    state = _finish_block(load_block(z_row, offs, offs < limit), load_block(t_row, offs, offs < limit), offs, limit,
+                          state, max_z, log_sz, max_t, log_st, scale2, todi_beta, w_x, w_y, lo, top, by_rank, cut,
+                          akl_row, list_row, DIVERGENCE, KEY_BITS, CAPACITY, BLOCK_V)
     s_a, s_b, acc, acc_g, g_tail, g_head, mass_below, f_sum, r_sum, p_sum, q_sum, held_slot = state
     if DIVERGENCE == TODI:
         tl.store(stats_row + TODI_S, tl.sum(s_a, axis=0) - tl.sum(s_b, axis=0))
         store_row_loss(loss_ptr, row, keep, tl.sum(acc, axis=0), stats_row, kd_weight, ce_weight, HAS_CE)
     elif DIVERGENCE == AKL:
-        last = (tl.cdiv(V, SLOTS * BLOCK_V) * SLOTS - 1) * BLOCK_V + lanes  # the last block's listed entries
-        tl.store(list_row + held_slot, last, mask=(held_slot >= 0) & (held_slot < CAPACITY))
+        tl.store(list_row + held_slot, offs, mask=(held_slot >= 0) & (held_slot < CAPACITY))
         tl.store(stats_row + MASS_P, tl.sum(p_sum, axis=0))
         tl.store(stats_row + MASS_Q, tl.sum(q_sum, axis=0))
         f_total = tl.sum(f_sum, axis=0)

@@ -26,13 +26,16 @@ from kdkernels.torch_ops.options import KDOptions
 
 STREAM_BLOCK = 2048  # entries per block of the streaming passes
 # Entries per block of the passes whose per-lane sums (AKL's first pass: 4 thresholds; its finish pass: 7 sums) or
-# per-entry work (the mixtures of sfkl, srkl, jsd; ToDi's weights) would need more than 128 registers with 3 slots
+# per-entry work (the mixtures of sfkl, srkl, jsd; ToDi's weights) would need more than 128 registers at 2048
 SMALL_BLOCK = 1024
 SMALL_BLOCKS = {"stats_kernel": ("akl",), "finish_kernel": ("akl", "sfkl", "srkl", "jsd"),
                 "grad_kernel": ("todi", "sfkl", "srkl", "jsd")}
-# Passes that keep 1 slot (see ``slots``): ToDi's and TVD's finish passes, whose state leaves no room for 3 slots in
-# 128 registers on every Triton (ToDi's is issue-bound anyway)
-ONE_SLOT = {"finish_kernel": ("todi", "tvd")}
+# The streaming loops (``common.whole_blocks``): Triton's pipeliner keeps STAGES - 1 blocks in flight as asynchronous
+# copies to shared memory, and each iteration handles UNROLL blocks (fewer loop and barrier instructions an entry):
+# with 2 resident blocks of 8 warps, 2 x 3 x 8 KB of bf16 z and t in flight per SM, above the 22 KB an H200 needs
+# at 600 ns (SPEC §6), with no register held for them.
+STAGES = 4
+UNROLL = {"stats_kernel": 4, "finish_kernel": 4, "grad_kernel": 2, "akl_refine_kernel": 2}
 STREAM_WARPS = 8
 # Register cap of the streaming kernels: 2 resident blocks of 8 warps per SM; without one ptxas aims some variants
 # at 3-4 blocks per SM with 64-80 registers and spills a few bytes.
@@ -40,7 +43,7 @@ MAX_REGISTERS = 128
 HINT_BINS = 4  # AKL: thresholds of the stats pass's bracket, ...
 HINT_NATS = 1.0  # ... HINT_NATS apart in t / T
 REFINE_WAYS = 8  # AKL refinement: splits per round, half of them evenly in key (4 parts: 2 bits a round)
-REFINE_BLOCK = 512
+REFINE_BLOCK = 1024
 CAPACITY = 1024  # AKL: most bracket entries ordered by akl_resolve_kernel...
 # ...64 under Triton's interpreter (CPU tests), where a 1024-entry sort costs about a second per row; the
 # smaller list sends more test rows through the refinement passes.
@@ -111,18 +114,16 @@ def refine_rounds(key_bits: int) -> int:
     return -(-key_bits // bits_per_round)
 
 
-def slots(kernel: str, divergence: str, vocab: int, block: int, *tensors: torch.Tensor) -> int:
-    """Blocks a streaming loop holds in registers (``common.stream_start``): 3 (two in flight while one is used)
-    when its reads take at most 6 bytes an entry and 8 KB a block (2048 entries of bf16/fp16 ``z`` and ``t``,
-    AKL's 1024 of a bf16 student and a float32 teacher, its refinement's 512 of any teacher), its rows are
-    16-aligned (vectorised loads), the row spans more than two blocks and the pass is not in ``ONE_SLOT``; else 1
-    (one in flight). Otherwise the slots would not fit beside the pass's own state in 128 registers on every Triton
-    (3.6-3.9). Two resident blocks of 8 warps then keep 16-32 KB of loads in flight per SM (SPEC §6: about 15 KB
-    on an H100, 22 KB on an H200 at 600 ns)."""
-    entry = sum(t.element_size() for t in tensors)
+def unroll(kernel: str, divergence: str, vocab: int, *tensors: torch.Tensor, own_ce: bool = False) -> int:
+    """Blocks one iteration of a pass's pipelined loop handles (``loop_unroll_factor``): ``UNROLL[kernel]`` for
+    16-aligned rows (vectorised loads) of 16-bit ``z`` and ``t`` (AKL's refinement: ``t``) but AKL's finish pass,
+    twice that for the half blocks of a stats pass with its own CE sum (``own_ce``, not AKL's), else 1: the other
+    variants spill with more in 128 registers."""
     aligned = vocab % 16 == 0 and all(t.stride(0) % 16 == 0 for t in tensors)
-    fits = entry <= 6 and block * entry <= 8192 and divergence not in ONE_SLOT.get(kernel, ())
-    return 3 if fits and aligned and vocab > 2 * block else 1
+    small = all(t.element_size() == 2 for t in tensors)
+    if not (aligned and small) or (kernel, divergence) == ("finish_kernel", "akl"):
+        return 1
+    return UNROLL[kernel] * (2 if own_ce and divergence != "akl" else 1)
 
 
 def mixture_weights(opts: KDOptions) -> tuple[float, float]:
@@ -139,14 +140,15 @@ def _stats_pass(z, t, labels, loss, stats, akl, opts: KDOptions, divergence: str
     """Launch ``stats_kernel`` (compiled for ``divergence``) on ``z``, ``t`` ``(N, V)``."""
     temperature, has_ce = opts.temperature, opts.ce_weight != 0.0
     vocab = z.shape[1]
-    block = pass_block("stats_kernel", divergence, vocab, own_ce=has_ce and temperature != 1.0)
+    own_ce = has_ce and temperature != 1.0
+    block = pass_block("stats_kernel", divergence, vocab, own_ce=own_ce)
     _launch(stats_kernel, (z.shape[0],),
             z, t, loss if labels is None else labels, loss, stats, akl,
             vocab, z.stride(0), t.stride(0), 1.0 / temperature, opts.ignore_index, opts.kd_weight, opts.ce_weight,
             opts.akl_alpha, HINT_NATS * temperature,
             DIVERGENCE=DIVERGENCE_CODES[divergence], HAS_LABELS=labels is not None, HAS_CE=has_ce,
             CE_SHARES_Z=temperature == 1.0, KEY_BITS=_key_bits(t), HINT_BINS=HINT_BINS,
-            BLOCK_V=block, SLOTS=slots("stats_kernel", divergence, vocab, block, z, t),
+            BLOCK_V=block, STAGES=STAGES, UNROLL=unroll("stats_kernel", divergence, vocab, z, t, own_ce=own_ce),
             num_warps=STREAM_WARPS, maxnreg=MAX_REGISTERS)
 
 
@@ -160,7 +162,7 @@ def _finish_pass(z, t, labels, loss, stats, akl, listed, opts: KDOptions) -> Non
             opts.ce_weight, opts.akl_alpha, opts.todi_beta, *mixture_weights(opts),
             DIVERGENCE=DIVERGENCE_CODES[divergence], HAS_LABELS=labels is not None, HAS_CE=opts.ce_weight != 0.0,
             KEY_BITS=_key_bits(t), CAPACITY=capacity(), BLOCK_V=block,
-            SLOTS=slots("finish_kernel", divergence, vocab, block, z, t),
+            STAGES=STAGES, UNROLL=unroll("finish_kernel", divergence, vocab, z, t),
             num_warps=STREAM_WARPS, maxnreg=MAX_REGISTERS)
 
 
@@ -190,7 +192,7 @@ def kd_forward(z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None,
                 vocab, t.stride(0), inv_t, ignore_index, akl_alpha,
                 HAS_LABELS=has_labels, KEY_BITS=_key_bits(t), WAYS=REFINE_WAYS, CAPACITY=list_size,
                 MAX_ROUNDS=refine_rounds(_key_bits(t)), BLOCK_V=refine_block,
-                SLOTS=slots("akl_refine_kernel", divergence, vocab, refine_block, t),
+                STAGES=STAGES, UNROLL=unroll("akl_refine_kernel", divergence, vocab, t),
                 num_warps=STREAM_WARPS, maxnreg=MAX_REGISTERS)
         _launch(akl_rank_kernel, grid,
                 t, labels_arg, stats, akl,
@@ -253,6 +255,6 @@ def kd_backward(grad_rows: torch.Tensor, z: torch.Tensor, t: torch.Tensor, label
             kd_weight, ce_weight, todi_beta, *mixture_weights(opts),
             DIVERGENCE=DIVERGENCE_CODES[divergence], HAS_LABELS=labels is not None, HAS_CE=ce_weight != 0.0,
             CE_SHARES_Z=temperature == 1.0, BLOCK_V=block,
-            SLOTS=slots("grad_kernel", divergence, vocab, block, z, t),
+            STAGES=STAGES, UNROLL=unroll("grad_kernel", divergence, vocab, z, t),
             num_warps=STREAM_WARPS, maxnreg=MAX_REGISTERS)
     return dz
