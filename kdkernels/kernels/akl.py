@@ -49,6 +49,7 @@ from kdkernels.kernels.common import (
     R_HEAD,
     R_TAIL,
     RKL_COL,
+    key_bound,
     key_value,
     load_block,
     load_key,
@@ -102,17 +103,17 @@ def hint_bracket(akl_row, lt_mass, thr, thr_keys, min_t, max_t, log_st, scale2, 
 
 
 @triton.jit
-def _refine_block(t_in, masses, split_k, top, max_t, log_st, scale2, KEY_BITS: tl.constexpr):
+def _refine_block(t_in, masses, split_v, v_hi, max_t, log_st, scale2):
     """``akl_refine_kernel``'s loop body: add one loaded block of ``t`` to the per-lane masses below each of the
-    8 splits (``split_k``, keys) and at or below ``top``, returned (one 1-D sum each: a ``(ways, block)`` tensor
-    would cost a shared-memory layout change a block)."""
+    8 splits and below ``k_hi`` (``split_v``, ``v_hi``: their ``common.key_bound``), returned (one 1-D sum each: a
+    ``(ways, block)`` tensor would cost a shared-memory layout change a block)."""
     m0, m1, m2, m3, m4, m5, m6, m7, mass_top = masses
-    k0, k1, k2, k3, k4, k5, k6, k7 = split_k
-    key = order_key(t_in, KEY_BITS)
-    p = tl.exp2(log2_probs(t_in.to(tl.float32), max_t, log_st, scale2))
-    return (m0 + tl.where(key < k0, p, 0.0), m1 + tl.where(key < k1, p, 0.0), m2 + tl.where(key < k2, p, 0.0),
-            m3 + tl.where(key < k3, p, 0.0), m4 + tl.where(key < k4, p, 0.0), m5 + tl.where(key < k5, p, 0.0),
-            m6 + tl.where(key < k6, p, 0.0), m7 + tl.where(key < k7, p, 0.0), mass_top + tl.where(key <= top, p, 0.0))
+    v0, v1, v2, v3, v4, v5, v6, v7 = split_v
+    t = t_in.to(tl.float32)
+    p = tl.exp2(log2_probs(t, max_t, log_st, scale2))
+    return (m0 + tl.where(t < v0, p, 0.0), m1 + tl.where(t < v1, p, 0.0), m2 + tl.where(t < v2, p, 0.0),
+            m3 + tl.where(t < v3, p, 0.0), m4 + tl.where(t < v4, p, 0.0), m5 + tl.where(t < v5, p, 0.0),
+            m6 + tl.where(t < v6, p, 0.0), m7 + tl.where(t < v7, p, 0.0), mass_top + tl.where(t < v_hi, p, 0.0))
 
 
 @triton.jit
@@ -160,19 +161,17 @@ def akl_refine_kernel(
         spaced = order_key(spaced.to(dtype), KEY_BITS).to(tl.int64)
         by_value = tl.where(v_top - v_lo < float("inf"), tl.minimum(tl.maximum(spaced, k_lo), k_hi), k_lo)
         splits = tl.sort(tl.where(ways % 2 == 0, by_key, by_value))
-        keys = splits.to(tl.uint32)
-        split_k = (pick(keys, ways, 0), pick(keys, ways, 1), pick(keys, ways, 2), pick(keys, ways, 3),
-                   pick(keys, ways, 4), pick(keys, ways, 5), pick(keys, ways, 6), pick(keys, ways, 7))
-        top = (k_hi - 1).to(tl.uint32)
-        zero = tl.zeros([BLOCK_V], tl.float32)  # per lane: the mass below each split, and at or below ``top``
+        values = key_bound(splits, dtype, KEY_BITS)
+        split_v = (pick(values, ways, 0), pick(values, ways, 1), pick(values, ways, 2), pick(values, ways, 3),
+                   pick(values, ways, 4), pick(values, ways, 5), pick(values, ways, 6), pick(values, ways, 7))
+        v_hi = key_bound(k_hi, dtype, KEY_BITS)
+        zero = tl.zeros([BLOCK_V], tl.float32)  # per lane: the mass below each split, and below ``k_hi``
         masses = (zero, zero, zero, zero, zero, zero, zero, zero, zero)
         full = whole_blocks(V, BLOCK_V)
         for start in tl.range(0, full, BLOCK_V, num_stages=STAGES, loop_unroll_factor=UNROLL):
-            masses = _refine_block(tl.load(t_row + start + lanes), masses, split_k, top, max_t, log_st, scale2,
-                                   KEY_BITS)
+            masses = _refine_block(tl.load(t_row + start + lanes), masses, split_v, v_hi, max_t, log_st, scale2)
         offs = full + lanes
-        masses = _refine_block(load_block(t_row, offs, offs < V), masses, split_k, top, max_t, log_st, scale2,
-                               KEY_BITS)
+        masses = _refine_block(load_block(t_row, offs, offs < V), masses, split_v, v_hi, max_t, log_st, scale2)
         m0, m1, m2, m3, m4, m5, m6, m7, mass_top = masses
         mass = tl.where(ways == 0, tl.sum(m0, axis=0), tl.where(ways == 1, tl.sum(m1, axis=0), tl.where(
             ways == 2, tl.sum(m2, axis=0), tl.where(ways == 3, tl.sum(m3, axis=0), tl.where(

@@ -60,6 +60,7 @@ LN2 = tl.constexpr(0.6931471805599453)
 # Where per-lane running maxima start: -finfo(float32).max, finite, so that no difference of a maximum and an entry
 # is inf - inf; an entry of -inf never raises it, an entry of finfo.min equals it.
 FLOOR = tl.constexpr(-3.4028234663852886e38)
+MIN_NORMAL = tl.constexpr(1.1754943508222875e-38)  # the smallest normal float32
 
 
 @triton.jit
@@ -232,6 +233,29 @@ def key_value(key, dtype: tl.constexpr, KEY_BITS: tl.constexpr):
         k = key.to(tl.uint32)
         bits = tl.where(k >= 0x80000000, k ^ 0x80000000, k ^ 0xFFFFFFFF)
         return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def key_bound(key, dtype: tl.constexpr, KEY_BITS: tl.constexpr):
+    """A float32 ``b`` such that ``x < b`` exactly when ``order_key(x) < key``, for every ``x`` of ``dtype`` that is
+    neither NaN nor a float32 subnormal: the value of ``key`` (:func:`key_value`), or, when that is 0 or a float32
+    subnormal, the smallest normal float32 if it is positive, else 0 (no other value lies between). So the passes
+    classify entries against a bracket of keys with float comparisons, strict ones only (a key between -0.0's and
+    +0.0's has no value of its own). Subnormal entries (bfloat16 or float32 teachers) compare as zeros, as their
+    probabilities do; the test is on the key's bits, which no flush-to-zero touches."""
+    k = key.to(tl.uint32)
+    value = key_value(key, dtype, KEY_BITS)
+    if KEY_BITS == 32:
+        bits = tl.where(k >= 0x80000000, k ^ 0x80000000, k ^ 0xFFFFFFFF)
+        tiny = (bits & 0x7F800000) == 0
+        positive = (bits < 0x80000000) & ((bits & 0x7FFFFF) != 0)
+        value = tl.where(tiny, tl.where(positive, MIN_NORMAL, 0.0), value)
+    elif dtype == tl.bfloat16:  # a float16 is a normal float32 or zero
+        bits = tl.where(k >= 0x8000, k ^ 0x8000, k ^ 0xFFFF)
+        tiny = (bits & 0x7F80) == 0
+        positive = (bits < 0x8000) & ((bits & 0x7F) != 0)
+        value = tl.where(tiny, tl.where(positive, MIN_NORMAL, 0.0), value)
+    return value
 
 
 @triton.jit

@@ -60,13 +60,13 @@ from kdkernels.kernels.common import (
     TODI,
     TODI_S,
     TVD,
+    key_bound,
     lane_total,
     lane_update,
     load_block,
     load_key,
     log2_probs,
     mixture,
-    order_key,
     pick,
     row_keep,
     safe_log,
@@ -79,8 +79,8 @@ from kdkernels.kernels.common import (
 
 
 @triton.jit
-def _stats_block(z_in, t_in, offs, limit, state, scale2, ce_scale, thr_k, thr_top, DIVERGENCE: tl.constexpr,
-                 OWN_CE: tl.constexpr, KEY_BITS: tl.constexpr):
+def _stats_block(z_in, t_in, offs, limit, state, scale2, ce_scale, thr_v, thr_top, DIVERGENCE: tl.constexpr,
+                 OWN_CE: tl.constexpr):
     """``stats_kernel``'s loop body: add one loaded block (indices ``offs``) to the per-lane state, returned."""
     m_z, m_t, s_z, s_t, s_c, a_f, p_s, a_r, q_s, lt_mass, min_t = state
     NEED_F: tl.constexpr = DIVERGENCE == FKL
@@ -109,13 +109,13 @@ def _stats_block(z_in, t_in, offs, limit, state, scale2, ce_scale, thr_k, thr_to
         e_c = tl.exp2(d_z * ce_scale)
         s_c = tl.where(up_z, s_c * e_c + 1.0, s_c + e_c)
     if DIVERGENCE == AKL:
-        # one 1-D sum per threshold (a (bins, block) tensor would cost a shared-memory layout change a block)
-        key = order_key(t_in, KEY_BITS)  # past V: -inf, mass 0
-        e_top = tl.exp2((t - thr_top) * scale2)
+        # one 1-D sum per threshold (a (bins, block) tensor would cost a shared-memory layout change a block);
+        # below a threshold's bound (``common.key_bound``) is below it by order key
+        e_top = tl.exp2((t - thr_top) * scale2)  # past V: -inf, mass 0
         lt0, lt1, lt2, lt3 = lt_mass
-        k0, k1, k2, k3 = thr_k
-        lt_mass = (lt0 + tl.where(key < k0, e_top, 0.0), lt1 + tl.where(key < k1, e_top, 0.0),
-                   lt2 + tl.where(key < k2, e_top, 0.0), lt3 + tl.where(key < k3, e_top, 0.0))
+        v0, v1, v2, v3 = thr_v
+        lt_mass = (lt0 + tl.where(t < v0, e_top, 0.0), lt1 + tl.where(t < v1, e_top, 0.0),
+                   lt2 + tl.where(t < v2, e_top, 0.0), lt3 + tl.where(t < v3, e_top, 0.0))
         min_t = tl.minimum(min_t, tl.where(offs < limit, t, float("inf")))
     m_z = mz_new
     m_t = mt_new
@@ -180,16 +180,17 @@ def stats_kernel(
         thr, thr_keys = hint_thresholds(safe_max(tl.max(first, axis=0)), hint_width, bins, t_ptr.dtype.element_ty,
                                         KEY_BITS)
         thr_top = tl.max(thr, axis=0)
-    thr_k = (pick(thr_keys, bins, 0), pick(thr_keys, bins, 1), pick(thr_keys, bins, 2), pick(thr_keys, bins, 3))
+    bound = key_bound(thr_keys, t_ptr.dtype.element_ty, KEY_BITS)
+    thr_v = (pick(bound, bins, 0), pick(bound, bins, 1), pick(bound, bins, 2), pick(bound, bins, 3))
     state = (m_z, m_t, s_z, s_t, s_c, a_f, p_s, a_r, q_s, lt_mass, min_t)
     full = whole_blocks(limit, BLOCK_V)
     for start in tl.range(0, full, BLOCK_V, num_stages=STAGES, loop_unroll_factor=UNROLL):
         offs = start + lanes
         state = _stats_block(tl.load(z_row + offs), tl.load(t_row + offs), offs, limit, state, scale2, ce_scale,
-                             thr_k, thr_top, DIVERGENCE, OWN_CE, KEY_BITS)
+                             thr_v, thr_top, DIVERGENCE, OWN_CE)
     offs = full + lanes
     state = _stats_block(load_block(z_row, offs, offs < limit), load_block(t_row, offs, offs < limit), offs, limit,
-                         state, scale2, ce_scale, thr_k, thr_top, DIVERGENCE, OWN_CE, KEY_BITS)
+                         state, scale2, ce_scale, thr_v, thr_top, DIVERGENCE, OWN_CE)
     m_z, m_t, s_z, s_t, s_c, a_f, p_s, a_r, q_s, lt_mass, min_t = state
 
     max_z, sum_z = lane_total(m_z, s_z, scale2)
@@ -252,8 +253,8 @@ def stats_kernel(
 
 
 @triton.jit
-def _finish_block(z_in, t_in, offs, limit, state, max_z, log_sz, max_t, log_st, scale2, todi_beta, w_x, w_y, lo, top,
-                  by_rank, cut, akl_row, list_row, DIVERGENCE: tl.constexpr, KEY_BITS: tl.constexpr,
+def _finish_block(z_in, t_in, offs, limit, state, max_z, log_sz, max_t, log_st, scale2, todi_beta, w_x, w_y, v_lo,
+                  v_hi, listing, cut, akl_row, list_row, DIVERGENCE: tl.constexpr, KEY_BITS: tl.constexpr,
                   CAPACITY: tl.constexpr, BLOCK_V: tl.constexpr):
     """``finish_kernel``'s loop body: add one loaded block (indices ``offs``) to the per-lane sums, returned."""
     s_a, s_b, acc, acc_g, g_tail, g_head, mass_below, f_sum, r_sum, p_sum, q_sum, held_slot = state
@@ -300,16 +301,16 @@ def _finish_block(z_in, t_in, offs, limit, state, max_z, log_sz, max_t, log_st, 
         p_sum += tl.where(live, p, 0.0)
         q_sum += tl.where(live, q, 0.0)
         gap = tl.abs(p - q)  # 0 past V (both -inf)
-        key = order_key(t_in, KEY_BITS)
-        low = key < lo
-        inside = inb & (key >= lo) & (key <= top)
-        tail = low | (inside & by_rank & (offs <= cut))
-        listed = inside & ~by_rank
+        # t's order key against the bracket's, as values (``common.key_bound``): no key to compute
+        low = t < v_lo
+        inside = inb & (t >= v_lo) & (t < v_hi)
+        tail = low | (inside & (offs <= cut))
+        listed = inside & listing
         g_tail += tl.where(tail, gap, 0.0)
         g_head += tl.where(tail | listed, 0.0, gap)
         mass_below += tl.where(low, p, 0.0)
         # the previous block's listed entries, whose slots have arrived: the atomic is never waited for in its block
-        tl.store(list_row + held_slot, offs - BLOCK_V, mask=(held_slot >= 0) & (held_slot < CAPACITY))
+        tl.store(list_row + held_slot, offs - BLOCK_V, mask=held_slot.to(tl.uint32) < CAPACITY)  # -1: none
         slot = tl.atomic_add(akl_row + AKL_LISTED + offs * 0, 1.0, mask=listed, sem="relaxed").to(tl.int32)
         held_slot = tl.where(listed, slot, -1)
     return (s_a, s_b, acc, acc_g, g_tail, g_head, mass_below, f_sum, r_sum, p_sum, q_sum, held_slot)
@@ -370,16 +371,17 @@ def finish_kernel(
     q_sum = tl.zeros([BLOCK_V], tl.float32)
     akl_row = akl_ptr + row * AKL_COLS
     list_row = list_ptr + row * CAPACITY
-    lo = 0  # AKL's bracket and cut, loaded below
-    top = 0
-    by_rank = 0
+    v_lo = 0.0  # AKL: the values of the bracket's keys [LO, HI), whether its entries are listed, and the index of
+    v_hi = 0.0  # the last tail entry among them (-1 when they are listed: none by index)
+    listing = 0
     cut = 0
     if DIVERGENCE == AKL:
-        lo = load_key(akl_row + AKL_LO)
-        top = load_key(akl_row + AKL_HI) - 1
+        v_lo = key_bound(load_key(akl_row + AKL_LO), t_ptr.dtype.element_ty, KEY_BITS)
+        v_hi = key_bound(load_key(akl_row + AKL_HI), t_ptr.dtype.element_ty, KEY_BITS)
         # vectors: Triton's interpreter rejects `&` between a scalar and a vector mask
         by_rank = tl.full([BLOCK_V], 0.0, tl.float32) + tl.load(akl_row + AKL_COUNT) > CAPACITY
-        cut = tl.full([BLOCK_V], 0, tl.int32) + tl.load(akl_row + AKL_CUT_INDEX).to(tl.int32)
+        listing = ~by_rank
+        cut = tl.where(by_rank, tl.load(akl_row + AKL_CUT_INDEX).to(tl.int32), -1)
     lanes = tl.arange(0, BLOCK_V)
     # AKL: the list slots of the previous block's listed entries (-1: not listed), stored once they have arrived
     held_slot = tl.full([BLOCK_V], -1, tl.int32)
@@ -388,11 +390,11 @@ def finish_kernel(
     for start in tl.range(0, full, BLOCK_V, num_stages=STAGES, loop_unroll_factor=UNROLL):
         offs = start + lanes
         state = _finish_block(tl.load(z_row + offs), tl.load(t_row + offs), offs, limit, state, max_z, log_sz, max_t,
-                              log_st, scale2, todi_beta, w_x, w_y, lo, top, by_rank, cut, akl_row, list_row,
+                              log_st, scale2, todi_beta, w_x, w_y, v_lo, v_hi, listing, cut, akl_row, list_row,
                               DIVERGENCE, KEY_BITS, CAPACITY, BLOCK_V)
     offs = full + lanes
     state = _finish_block(load_block(z_row, offs, offs < limit), load_block(t_row, offs, offs < limit), offs, limit,
-                          state, max_z, log_sz, max_t, log_st, scale2, todi_beta, w_x, w_y, lo, top, by_rank, cut,
+                          state, max_z, log_sz, max_t, log_st, scale2, todi_beta, w_x, w_y, v_lo, v_hi, listing, cut,
                           akl_row, list_row, DIVERGENCE, KEY_BITS, CAPACITY, BLOCK_V)
     s_a, s_b, acc, acc_g, g_tail, g_head, mass_below, f_sum, r_sum, p_sum, q_sum, held_slot = state
     if DIVERGENCE == TODI:
