@@ -2,13 +2,15 @@
 
 The cut (SPEC §2): entries by ascending ``p``, ties by index; tail while the inclusive cumulative mass is
 ``<= alpha``. Ordering by ``p`` is ordering by the teacher logit, i.e. by its order key (``order_key``: the
-bits, flipped so that unsigned comparison orders like the values, ``-0.0`` keyed as ``+0.0``), so every pass
-classifies entries by integer comparisons of keys, exactly alike.
+bits, flipped so that unsigned comparison orders like the values, ``-0.0`` keyed as ``+0.0``). Brackets and splits
+are ranges of keys; the streaming passes compare an entry's value with bounds that order like the keys
+(``common.key_bound``), exactly alike in every pass.
 
 1. ``stats_kernel`` (``forward.py``) keeps per lane, for ``HINT_BINS`` thresholds ``v_k = (A - k) W`` fixed by
-   the first block's maximum (``A = floor(max / W)``, ``W`` logits, rounded to the teacher's dtype), the count
-   of entries below each and their mass relative to ``exp(v_0 / T)`` (at most 1, so no rescaling);
-   :func:`hint_bracket` turns them into the bracket ``[LO, HI)`` where the mass below crosses ``alpha``.
+   the first block's maximum (``A = floor(max / W)``, ``W`` logits, rounded to the teacher's dtype), the mass
+   below each relative to ``exp(v_0 / T)`` (at most 1, so no rescaling) and the count of entries at or above
+   each; :func:`hint_bracket` turns them into the bracket ``[LO, HI)`` where the mass below crosses ``alpha``,
+   with its exact number of entries.
 2. ``akl_refine_kernel``: rows whose bracket holds more than ``CAPACITY`` entries (flat teachers) make
    passes over ``t`` alone; each splits the bracket's key range ``WAYS`` ways (half evenly in key, half in
    value), sums the exact mass below each split and keeps the part where the mass crosses ``alpha``, until at
@@ -54,6 +56,7 @@ from kdkernels.kernels.common import (
     load_block,
     load_key,
     log2_probs,
+    only,
     order_key,
     pick,
     row_keep,
@@ -79,23 +82,24 @@ def count_bound(mass, low_value, max_t, log_st, scale2):
 
 
 @triton.jit
-def hint_bracket(akl_row, lt_mass, thr, thr_keys, min_t, max_t, log_st, scale2, alpha, dtype: tl.constexpr,
+def hint_bracket(akl_row, lt_mass, at_least, entries, thr_keys, min_t, max_t, alpha, dtype: tl.constexpr,
                  KEY_BITS: tl.constexpr, HINT_BINS: tl.constexpr):
-    """Store the bracket ``[LO, HI)`` (keys), a bound on its entries and fresh scratch columns, from the stats
-    pass's ``lt_mass[k]``: the teacher mass (probabilities) keyed below ``thr_keys[k]`` (values ``thr[k]``,
-    decreasing in ``k``). The bracket's lower end is the highest threshold with the mass below it
-    ``<= alpha``; past the thresholds the ends are the row's smallest and largest teacher logits.
+    """Store the bracket ``[LO, HI)`` (keys), its number of entries and fresh scratch columns, from the stats pass's
+    ``lt_mass[k]`` and ``at_least[k]``: the teacher mass (probabilities) keyed below ``thr_keys[k]`` (decreasing in
+    ``k``) and the entries keyed at or above it, of the row's ``entries``. The bracket's lower end is the highest
+    threshold with the mass below it ``<= alpha``; past the thresholds the ends are the row's smallest and largest
+    teacher logits.
     """
     bins = tl.arange(0, HINT_BINS)
     k0 = HINT_BINS - tl.sum((lt_mass <= alpha).to(tl.int32), axis=0)
-    low_value = tl.where(k0 == HINT_BINS, min_t, pick(thr, bins, k0))
     lo = tl.where(k0 == HINT_BINS, order_key(min_t.to(dtype), KEY_BITS), pick(thr_keys, bins, k0))
     hi = tl.where(k0 == 0, order_key(max_t.to(dtype), KEY_BITS) + 1, pick(thr_keys, bins, k0 - 1))
     below = tl.where(k0 == HINT_BINS, 0.0, pick(lt_mass, bins, k0))
-    mass = tl.where(k0 == 0, 1.0, pick(lt_mass, bins, k0 - 1)) - below
+    count = tl.where(k0 == HINT_BINS, entries, pick(at_least, bins, k0)) - tl.where(k0 == 0, 0.0,
+                                                                                     pick(at_least, bins, k0 - 1))
     store_key(akl_row + AKL_LO, lo)
     store_key(akl_row + AKL_HI, hi)
-    tl.store(akl_row + AKL_COUNT, count_bound(mass, low_value, max_t, log_st, scale2))
+    tl.store(akl_row + AKL_COUNT, count)
     tl.store(akl_row + AKL_BELOW, below)
     tl.store(akl_row + AKL_ROUNDS, 0.0)
     tl.store(akl_row + AKL_CUT_INDEX, -1.0)
@@ -111,9 +115,9 @@ def _refine_block(t_in, masses, split_v, v_hi, max_t, log_st, scale2):
     v0, v1, v2, v3, v4, v5, v6, v7 = split_v
     t = t_in.to(tl.float32)
     p = tl.exp2(log2_probs(t, max_t, log_st, scale2))
-    return (m0 + tl.where(t < v0, p, 0.0), m1 + tl.where(t < v1, p, 0.0), m2 + tl.where(t < v2, p, 0.0),
-            m3 + tl.where(t < v3, p, 0.0), m4 + tl.where(t < v4, p, 0.0), m5 + tl.where(t < v5, p, 0.0),
-            m6 + tl.where(t < v6, p, 0.0), m7 + tl.where(t < v7, p, 0.0), mass_top + tl.where(t < v_hi, p, 0.0))
+    return (m0 + only(t < v0, p), m1 + only(t < v1, p), m2 + only(t < v2, p), m3 + only(t < v3, p),
+            m4 + only(t < v4, p), m5 + only(t < v5, p), m6 + only(t < v6, p), m7 + only(t < v7, p),
+            mass_top + only(t < v_hi, p))
 
 
 @triton.jit

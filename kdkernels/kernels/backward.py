@@ -74,11 +74,12 @@ def _grad_block(z_in, t_in, offs, V, dz_row, scale2, max_z, log_sz, max_t, log_s
         p = tl.exp2(lp2)
     live = (z != float("-inf")) & (t != float("-inf"))
     if NEED_R or (DIVERGENCE == TODI):
-        d = (lq2 - lp2) * LN2
+        d2 = lq2 - lp2
+        d_plus_1 = d2 * LN2 + 1.0  # d + 1, d = log q - log p in nats
     if NEED_F:
         g_f = q * mass_p - tl.where(live, p, 0.0)
     if NEED_R:
-        g_r = tl.where(live, q * (d + 1.0), 0.0) - q * r_plus_q
+        g_r = tl.where(live, q * d_plus_1, 0.0) - q * r_plus_q
     if DIVERGENCE == FKL:
         g_div = g_f
     elif DIVERGENCE == RKL:
@@ -86,8 +87,8 @@ def _grad_block(z_in, t_in, offs, V, dz_row, scale2, max_z, log_sz, max_t, log_s
     elif DIVERGENCE == AKL:
         g_div = r_h * g_f + r_t * g_r
     elif DIVERGENCE == TODI:
-        w, c = todi_weights(todi_beta * d)
-        g_div = tl.where(live, c * q * (d + 1.0) - w * p, 0.0) + q * s_ab
+        w, c = todi_weights(todi_beta * d2)
+        g_div = tl.where(live, c * q * d_plus_1 - w * p, 0.0) + q * s_ab
     else:
         if DIVERGENCE == SFKL:
             qg = -w_y * (q * tl.exp2(lxm))

@@ -67,6 +67,7 @@ from kdkernels.kernels.common import (
     load_key,
     log2_probs,
     mixture,
+    only,
     pick,
     row_keep,
     safe_log,
@@ -79,10 +80,11 @@ from kdkernels.kernels.common import (
 
 
 @triton.jit
-def _stats_block(z_in, t_in, offs, limit, state, scale2, ce_scale, thr_v, thr_top, DIVERGENCE: tl.constexpr,
-                 OWN_CE: tl.constexpr):
-    """``stats_kernel``'s loop body: add one loaded block (indices ``offs``) to the per-lane state, returned."""
-    m_z, m_t, s_z, s_t, s_c, a_f, p_s, a_r, q_s, lt_mass, min_t = state
+def _stats_block(z_in, t_in, offs, limit, state, scale2, ce_scale, thr_v, thr_top, PARTIAL: tl.constexpr,
+                 DIVERGENCE: tl.constexpr, OWN_CE: tl.constexpr):
+    """``stats_kernel``'s loop body: add one loaded block (indices ``offs``; ``PARTIAL``: it may reach past the row's
+    end) to the per-lane state, returned."""
+    m_z, m_t, s_z, s_t, s_c, a_f, p_s, a_r, q_s, lt_mass, at_least, min_t = state
     NEED_F: tl.constexpr = DIVERGENCE == FKL
     NEED_R: tl.constexpr = DIVERGENCE == RKL
     z = z_in.to(tl.float32)
@@ -91,18 +93,21 @@ def _stats_block(z_in, t_in, offs, limit, state, scale2, ce_scale, thr_v, thr_to
     mt_new, s_t, up_t, d_t, e_t = lane_update(m_t, s_t, t, scale2)
     if NEED_F or NEED_R:
         live = (z != float("-inf")) & (t != float("-inf"))
-        # the entry's c_t - c_z at the new maxima, and how the old terms' centred differences move
-        c_new = tl.where(up_t, 0.0, d_t) - tl.where(up_z, 0.0, d_z)
-        shift = tl.where(up_t, d_t, 0.0) - tl.where(up_z, d_z, 0.0)
-        c_new = tl.where(live, c_new, 0.0)
+        # the entry's c_t - c_z at the new maxima (c: log2 weights centred on the lane maxima), and how the old
+        # terms' centred differences move when a maximum grows: by d (clamped: while a lane has no live entry its
+        # d may be infinite, and its old terms are none)
+        c_new = tl.where(live, tl.where(up_t, 0.0, d_t) - tl.where(up_z, 0.0, d_z), 0.0)
         one = tl.where(live, 1.0, 0.0)
+        moved_t = tl.maximum(d_t, FLOOR)
+        moved_z = tl.maximum(d_z, FLOOR)
     if NEED_F:
-        # no old terms (p_s = 0) while a lane has no live entry: its shift may be infinite
-        moved = a_f + tl.where(p_s == 0, 0.0, p_s * shift)
+        moved = tl.where(up_t, a_f + p_s * moved_t, a_f)
+        moved = tl.where(up_z, moved - p_s * moved_z, moved)
         a_f = tl.where(up_t, e_t * moved + c_new, moved + e_t * c_new)
         p_s = tl.where(up_t, e_t * p_s + one, p_s + e_t * one)
     if NEED_R:
-        moved = a_r - tl.where(q_s == 0, 0.0, q_s * shift)
+        moved = tl.where(up_z, a_r + q_s * moved_z, a_r)
+        moved = tl.where(up_t, moved - q_s * moved_t, moved)
         a_r = tl.where(up_z, e_z * moved - c_new, moved - e_z * c_new)
         q_s = tl.where(up_z, e_z * q_s + one, q_s + e_z * one)
     if OWN_CE:
@@ -113,13 +118,26 @@ def _stats_block(z_in, t_in, offs, limit, state, scale2, ce_scale, thr_v, thr_to
         # below a threshold's bound (``common.key_bound``) is below it by order key
         e_top = tl.exp2((t - thr_top) * scale2)  # past V: -inf, mass 0
         lt0, lt1, lt2, lt3 = lt_mass
+        ge0, ge1, ge2, ge3 = at_least
         v0, v1, v2, v3 = thr_v
-        lt_mass = (lt0 + tl.where(t < v0, e_top, 0.0), lt1 + tl.where(t < v1, e_top, 0.0),
-                   lt2 + tl.where(t < v2, e_top, 0.0), lt3 + tl.where(t < v3, e_top, 0.0))
-        min_t = tl.minimum(min_t, tl.where(offs < limit, t, float("inf")))
+        lt_mass = (lt0 + only(t < v0, e_top), lt1 + only(t < v1, e_top), lt2 + only(t < v2, e_top),
+                   lt3 + only(t < v3, e_top))
+        at_least = (ge0 + tl.where(t < v0, 0.0, 1.0), ge1 + tl.where(t < v1, 0.0, 1.0),
+                    ge2 + tl.where(t < v2, 0.0, 1.0), ge3 + tl.where(t < v3, 0.0, 1.0))
+        if PARTIAL:
+            t = tl.where(offs < limit, t, float("inf"))
+        min_t = tl.minimum(min_t, t)
     m_z = mz_new
     m_t = mt_new
-    return (m_z, m_t, s_z, s_t, s_c, a_f, p_s, a_r, q_s, lt_mass, min_t)
+    return (m_z, m_t, s_z, s_t, s_c, a_f, p_s, a_r, q_s, lt_mass, at_least, min_t)
+
+
+@triton.jit
+def per_bin(sums, bins):
+    """The row totals of 4 per-lane sums, as a vector over ``bins``."""
+    s0, s1, s2, s3 = sums
+    return tl.where(bins == 0, tl.sum(s0, axis=0), tl.where(bins == 1, tl.sum(s1, axis=0), tl.where(
+        bins == 2, tl.sum(s2, axis=0), tl.sum(s3, axis=0))))
 
 
 @triton.jit
@@ -171,6 +189,7 @@ def stats_kernel(
     tl.static_assert(HINT_BINS == 4, "the stats pass keeps one sum per threshold: 4 of them")
     lt_mass = (tl.zeros([BLOCK_V], tl.float32), tl.zeros([BLOCK_V], tl.float32), tl.zeros([BLOCK_V], tl.float32),
                tl.zeros([BLOCK_V], tl.float32))
+    at_least = lt_mass  # and the entries at or above each threshold (float32 counts: exact below 2^24)
     min_t = tl.full([BLOCK_V], float("inf"), tl.float32)
     thr = tl.zeros([HINT_BINS], tl.float32)
     thr_keys = tl.zeros([HINT_BINS], tl.uint32)
@@ -182,16 +201,16 @@ def stats_kernel(
         thr_top = tl.max(thr, axis=0)
     bound = key_bound(thr_keys, t_ptr.dtype.element_ty, KEY_BITS)
     thr_v = (pick(bound, bins, 0), pick(bound, bins, 1), pick(bound, bins, 2), pick(bound, bins, 3))
-    state = (m_z, m_t, s_z, s_t, s_c, a_f, p_s, a_r, q_s, lt_mass, min_t)
+    state = (m_z, m_t, s_z, s_t, s_c, a_f, p_s, a_r, q_s, lt_mass, at_least, min_t)
     full = whole_blocks(limit, BLOCK_V)
     for start in tl.range(0, full, BLOCK_V, num_stages=STAGES, loop_unroll_factor=UNROLL):
         offs = start + lanes
         state = _stats_block(tl.load(z_row + offs), tl.load(t_row + offs), offs, limit, state, scale2, ce_scale,
-                             thr_v, thr_top, DIVERGENCE, OWN_CE)
+                             thr_v, thr_top, False, DIVERGENCE, OWN_CE)
     offs = full + lanes
     state = _stats_block(load_block(z_row, offs, offs < limit), load_block(t_row, offs, offs < limit), offs, limit,
-                         state, scale2, ce_scale, thr_v, thr_top, DIVERGENCE, OWN_CE)
-    m_z, m_t, s_z, s_t, s_c, a_f, p_s, a_r, q_s, lt_mass, min_t = state
+                         state, scale2, ce_scale, thr_v, thr_top, True, DIVERGENCE, OWN_CE)
+    m_z, m_t, s_z, s_t, s_c, a_f, p_s, a_r, q_s, lt_mass, at_least, min_t = state
 
     max_z, sum_z = lane_total(m_z, s_z, scale2)
     max_t, sum_t = lane_total(m_t, s_t, scale2)
@@ -242,39 +261,36 @@ def stats_kernel(
     if DIVERGENCE == AKL:
         stored_t = stored_max(max_t, sum_t)
         top_scale = tl.exp2((thr_top - stored_t) * scale2) / sum_t  # to probabilities
-        lt0, lt1, lt2, lt3 = lt_mass
-        below = tl.where(bins == 0, tl.sum(lt0, axis=0), tl.where(bins == 1, tl.sum(lt1, axis=0), tl.where(
-            bins == 2, tl.sum(lt2, axis=0), tl.sum(lt3, axis=0))))
-        hint_bracket(akl_ptr + row * AKL_COLS, below * top_scale, thr, thr_keys,
-                     tl.min(min_t, axis=0), stored_t, log_st, scale2, akl_alpha, t_ptr.dtype.element_ty,
-                     KEY_BITS, HINT_BINS)
+        below = per_bin(lt_mass, bins)
+        hint_bracket(akl_ptr + row * AKL_COLS, below * top_scale, per_bin(at_least, bins), limit, thr_keys,
+                     tl.min(min_t, axis=0), stored_t, akl_alpha, t_ptr.dtype.element_ty, KEY_BITS, HINT_BINS)
     if (DIVERGENCE == FKL) or (DIVERGENCE == RKL):
         store_row_loss(loss_ptr, row, keep, div, stats_row, kd_weight, ce_weight, HAS_CE)
 
 
 @triton.jit
 def _finish_block(z_in, t_in, offs, limit, state, max_z, log_sz, max_t, log_st, scale2, todi_beta, w_x, w_y, v_lo,
-                  v_hi, listing, cut, akl_row, list_row, DIVERGENCE: tl.constexpr, KEY_BITS: tl.constexpr,
-                  CAPACITY: tl.constexpr, BLOCK_V: tl.constexpr):
-    """``finish_kernel``'s loop body: add one loaded block (indices ``offs``) to the per-lane sums, returned."""
+                  v_hi, listing, cut, akl_row, list_row, PARTIAL: tl.constexpr, DIVERGENCE: tl.constexpr,
+                  KEY_BITS: tl.constexpr, CAPACITY: tl.constexpr, BLOCK_V: tl.constexpr):
+    """``finish_kernel``'s loop body: add one loaded block (indices ``offs``; ``PARTIAL``: it may reach past the
+    row's end) to the per-lane sums, returned."""
     s_a, s_b, acc, acc_g, g_tail, g_head, mass_below, f_sum, r_sum, p_sum, q_sum, held_slot = state
     MIXTURE: tl.constexpr = (DIVERGENCE == SFKL) or (DIVERGENCE == SRKL) or (DIVERGENCE == JSD)
     z = z_in.to(tl.float32)
     t = t_in.to(tl.float32)
-    inb = offs < limit
     lq2 = log2_probs(z, max_z, log_sz, scale2)
     lp2 = log2_probs(t, max_t, log_st, scale2)
     q = tl.exp2(lq2)
     p = tl.exp2(lp2)
     if DIVERGENCE == TODI:
         live = (z != float("-inf")) & (t != float("-inf"))
-        d = (lq2 - lp2) * LN2
-        w, c = todi_weights(todi_beta * d)
+        d2 = lq2 - lp2  # d = log q - log p = d2 ln 2; the loss is summed in log2 units, scaled once per row
+        w, c = todi_weights(todi_beta * d2)
         wp = w * p
         cq = c * q
         s_a += tl.where(live, wp, 0.0)
-        s_b += tl.where(live, cq * (d + 1.0), 0.0)
-        acc += tl.where(live, (cq - wp) * d, 0.0)
+        s_b += tl.where(live, cq * (d2 * LN2 + 1.0), 0.0)
+        acc += tl.where(live, (cq - wp) * d2, 0.0)
     if MIXTURE:
         live = (z != float("-inf")) & (t != float("-inf"))
         if DIVERGENCE == SRKL:
@@ -291,24 +307,26 @@ def _finish_block(z_in, t_in, offs, limit, state, max_z, log_sz, max_t, log_st, 
     if DIVERGENCE == TVD:
         live = (z != float("-inf")) & (t != float("-inf"))
         gap = q - p
-        acc += tl.where(live, tl.abs(gap), 0.0)
-        acc_g += tl.where(live, tl.where(gap > 0.0, q, tl.where(gap < 0.0, -q, gap)), 0.0)  # gap: 0, or NaN
+        acc += only(live, tl.abs(gap))
+        acc_g += only(live, tl.where(gap > 0.0, q, tl.where(gap < 0.0, -q, gap)))  # gap: 0, or NaN
     if DIVERGENCE == AKL:
         live = (z != float("-inf")) & (t != float("-inf"))
         d2 = lq2 - lp2
         f_sum += tl.where(live, p * d2, 0.0)
         r_sum += tl.where(live, q * d2, 0.0)
-        p_sum += tl.where(live, p, 0.0)
-        q_sum += tl.where(live, q, 0.0)
+        p_sum += only(live, p)
+        q_sum += only(live, q)
         gap = tl.abs(p - q)  # 0 past V (both -inf)
         # t's order key against the bracket's, as values (``common.key_bound``): no key to compute
         low = t < v_lo
-        inside = inb & (t >= v_lo) & (t < v_hi)
+        inside = (t >= v_lo) & (t < v_hi)
+        if PARTIAL:
+            inside = inside & (offs < limit)
         tail = low | (inside & (offs <= cut))
         listed = inside & listing
-        g_tail += tl.where(tail, gap, 0.0)
-        g_head += tl.where(tail | listed, 0.0, gap)
-        mass_below += tl.where(low, p, 0.0)
+        g_tail += only(tail, gap)
+        g_head += only(~(tail | listed), gap)
+        mass_below += only(low, p)
         # the previous block's listed entries, whose slots have arrived: the atomic is never waited for in its block
         tl.store(list_row + held_slot, offs - BLOCK_V, mask=held_slot.to(tl.uint32) < CAPACITY)  # -1: none
         slot = tl.atomic_add(akl_row + AKL_LISTED + offs * 0, 1.0, mask=listed, sem="relaxed").to(tl.int32)
@@ -391,15 +409,15 @@ def finish_kernel(
         offs = start + lanes
         state = _finish_block(tl.load(z_row + offs), tl.load(t_row + offs), offs, limit, state, max_z, log_sz, max_t,
                               log_st, scale2, todi_beta, w_x, w_y, v_lo, v_hi, listing, cut, akl_row, list_row,
-                              DIVERGENCE, KEY_BITS, CAPACITY, BLOCK_V)
+                              False, DIVERGENCE, KEY_BITS, CAPACITY, BLOCK_V)
     offs = full + lanes
     state = _finish_block(load_block(z_row, offs, offs < limit), load_block(t_row, offs, offs < limit), offs, limit,
                           state, max_z, log_sz, max_t, log_st, scale2, todi_beta, w_x, w_y, v_lo, v_hi, listing, cut,
-                          akl_row, list_row, DIVERGENCE, KEY_BITS, CAPACITY, BLOCK_V)
+                          akl_row, list_row, True, DIVERGENCE, KEY_BITS, CAPACITY, BLOCK_V)
     s_a, s_b, acc, acc_g, g_tail, g_head, mass_below, f_sum, r_sum, p_sum, q_sum, held_slot = state
     if DIVERGENCE == TODI:
         tl.store(stats_row + TODI_S, tl.sum(s_a, axis=0) - tl.sum(s_b, axis=0))
-        store_row_loss(loss_ptr, row, keep, tl.sum(acc, axis=0), stats_row, kd_weight, ce_weight, HAS_CE)
+        store_row_loss(loss_ptr, row, keep, LN2 * tl.sum(acc, axis=0), stats_row, kd_weight, ce_weight, HAS_CE)
     elif DIVERGENCE == AKL:
         tl.store(list_row + held_slot, offs, mask=(held_slot >= 0) & (held_slot < CAPACITY))
         tl.store(stats_row + MASS_P, tl.sum(p_sum, axis=0))

@@ -25,17 +25,19 @@ from kdkernels.torch_ops.layout import DIVERGENCE_CODES, NUM_STATS, Q_G, TODI_S
 from kdkernels.torch_ops.options import KDOptions
 
 STREAM_BLOCK = 2048  # entries per block of the streaming passes
-# Entries per block of the passes whose per-lane sums (AKL's first pass: 4 thresholds; its finish pass: 7 sums) or
-# per-entry work (the mixtures of sfkl, srkl, jsd; ToDi's weights) would need more than 128 registers at 2048
+# Entries per block of AKL's first pass (4 threshold sums per lane) and finish pass (7 sums): 2048 would need more
+# than 128 registers
 SMALL_BLOCK = 1024
-SMALL_BLOCKS = {"stats_kernel": ("akl",), "finish_kernel": ("akl", "sfkl", "srkl", "jsd"),
-                "grad_kernel": ("todi", "sfkl", "srkl", "jsd")}
+SMALL_BLOCKS = {"stats_kernel": ("akl",), "finish_kernel": ("akl",), "grad_kernel": ()}
 # The streaming loops (``common.whole_blocks``): Triton's pipeliner keeps STAGES - 1 blocks in flight as asynchronous
-# copies to shared memory, and each iteration handles UNROLL blocks (fewer loop and barrier instructions an entry):
-# with 2 resident blocks of 8 warps, 2 x 3 x 8 KB of bf16 z and t in flight per SM, above the 22 KB an H200 needs
-# at 600 ns (SPEC §6), with no register held for them.
+# copies to shared memory, and an iteration handles UNROLL blocks (fewer loop and barrier instructions an entry), or
+# FEWER for the passes whose state or per-entry work leaves no room for more in 128 registers: with 2 resident
+# blocks of 8 warps, 2 x 3 x 8 KB of bf16 z and t are in flight per SM, above the 22 KB an H200 needs at 600 ns
+# (SPEC §6), with no register held for them.
 STAGES = 4
-UNROLL = {"stats_kernel": 4, "finish_kernel": 4, "grad_kernel": 2, "akl_refine_kernel": 2}
+UNROLL = {"stats_kernel": 4, "finish_kernel": 2, "grad_kernel": 2, "akl_refine_kernel": 2}
+FEWER = {("stats_kernel", "akl"): 2, **{("finish_kernel", d): 1 for d in ("akl", "sfkl", "srkl", "jsd")},
+         **{("grad_kernel", d): 1 for d in ("todi", "sfkl", "srkl", "jsd")}}
 STREAM_WARPS = 8
 # Register cap of the streaming kernels: 2 resident blocks of 8 warps per SM; without one ptxas aims some variants
 # at 3-4 blocks per SM with 64-80 registers and spills a few bytes.
@@ -101,10 +103,11 @@ def _key_bits(teacher: torch.Tensor) -> int:
 
 def pass_block(kernel: str, divergence: str, vocab: int, own_ce: bool = False) -> int:
     """Entries per block of a streaming pass: ``SMALL_BLOCK`` for the passes of ``SMALL_BLOCKS``, else
-    ``STREAM_BLOCK``, halved for a stats pass that also sums the CE term's own log-sum (``own_ce``: T != 1), and at
-    most the vocabulary rounded up to a power of 2."""
-    cap = SMALL_BLOCK if divergence in SMALL_BLOCKS[kernel] else STREAM_BLOCK
-    return _block(vocab, cap // 2 if own_ce else cap)
+    ``STREAM_BLOCK``, halved for a stats pass that also sums the CE term's own log-sum (``own_ce``: T != 1; it then
+    handles twice as many blocks an iteration, see :func:`unroll`), and at most the vocabulary rounded up to a power
+    of 2."""
+    small = divergence in SMALL_BLOCKS[kernel]
+    return _block(vocab, SMALL_BLOCK if small else STREAM_BLOCK // 2 if own_ce else STREAM_BLOCK)
 
 
 def refine_rounds(key_bits: int) -> int:
@@ -115,15 +118,15 @@ def refine_rounds(key_bits: int) -> int:
 
 
 def unroll(kernel: str, divergence: str, vocab: int, *tensors: torch.Tensor, own_ce: bool = False) -> int:
-    """Blocks one iteration of a pass's pipelined loop handles (``loop_unroll_factor``): ``UNROLL[kernel]`` for
-    16-aligned rows (vectorised loads) of 16-bit ``z`` and ``t`` (AKL's refinement: ``t``) but AKL's finish pass,
-    twice that for the half blocks of a stats pass with its own CE sum (``own_ce``, not AKL's), else 1: the other
+    """Blocks one iteration of a pass's pipelined loop handles (``loop_unroll_factor``) for 16-aligned rows
+    (vectorised loads) of 16-bit ``z`` and ``t`` (AKL's refinement: ``t``): ``FEWER`` or ``UNROLL``, twice that for
+    the half blocks of a stats pass with its own CE sum (``own_ce``, see :func:`pass_block`); else 1: the other
     variants spill with more in 128 registers."""
     aligned = vocab % 16 == 0 and all(t.stride(0) % 16 == 0 for t in tensors)
-    small = all(t.element_size() == 2 for t in tensors)
-    if not (aligned and small) or (kernel, divergence) == ("finish_kernel", "akl"):
+    if not aligned or any(t.element_size() != 2 for t in tensors):
         return 1
-    return UNROLL[kernel] * (2 if own_ce and divergence != "akl" else 1)
+    blocks = FEWER.get((kernel, divergence), UNROLL[kernel])
+    return blocks * (2 if own_ce and divergence not in SMALL_BLOCKS[kernel] else 1)
 
 
 def mixture_weights(opts: KDOptions) -> tuple[float, float]:
