@@ -130,7 +130,9 @@ def akl_refine_kernel(
     """Narrow the bracket of rows that may hold more than ``CAPACITY`` entries, by passes over ``t`` alone.
 
     Each round splits the key range ``[k_lo, k_hi)`` at ``WAYS`` points: ``WAYS / 2`` evenly spaced in key and
-    ``WAYS / 2`` at the keys of evenly spaced teacher values (which narrow smooth distributions fastest); it sums
+    ``WAYS / 2`` at the keys of teacher values (evenly spaced in the first round; after it, 1/16 of the range apart
+    around the value where the mass, interpolated linearly between the ends, crosses ``alpha``: smooth teachers
+    narrow by far more than 8 a round); it sums
     the exact mass below each split and keeps the part where the mass below crosses ``alpha``, until its bound on
     entries (``count_bound``) is at most ``CAPACITY`` or it is one key. The key splits alone leave a part of at most
     ``ceil(range / (WAYS / 2))`` keys, so ``MAX_ROUNDS = ceil(KEY_BITS / log2(WAYS / 2))`` rounds reach one key
@@ -152,6 +154,7 @@ def akl_refine_kernel(
     k_hi = load_key(akl_row + AKL_HI).to(tl.int64)
     count = tl.load(akl_row + AKL_COUNT)
     below = tl.load(akl_row + AKL_BELOW)
+    mass_hi = -1.0  # the mass below k_hi, known after a round (before: -1)
     rounds = 0
     ways = tl.arange(0, WAYS)
     part_of = (ways // 2).to(tl.int64)  # even ways split by key, odd ones by value
@@ -160,7 +163,11 @@ def akl_refine_kernel(
         v_lo = key_value(k_lo, dtype, KEY_BITS)
         v_top = key_value(k_hi - 1, dtype, KEY_BITS)
         by_key = k_lo + ((k_hi - k_lo) * part_of) // KEY_WAYS
-        spaced = v_lo + (v_top - v_lo) * (part_of.to(tl.float32) / KEY_WAYS)
+        # value splits: evenly spaced in the first round; then 1/16 of the range apart around the value where the
+        # mass, interpolated linearly between the part's ends, crosses alpha (the key splits keep the bound)
+        cross = (akl_alpha - below) / (mass_hi - below)
+        near = tl.minimum(tl.maximum(cross, 0.0), 1.0) + (2 * part_of.to(tl.float32) - 3) / 32
+        spaced = v_lo + (v_top - v_lo) * tl.where(mass_hi > below, near, part_of.to(tl.float32) / KEY_WAYS)
         spaced = tl.where(tl.abs(spaced) < 1.1754944e-38, 0.0, spaced)  # subnormals to 0: keys stay in order
         spaced = order_key(spaced.to(dtype), KEY_BITS).to(tl.int64)
         by_value = tl.where(v_top - v_lo < float("inf"), tl.minimum(tl.maximum(spaced, k_lo), k_hi), k_lo)

@@ -53,8 +53,8 @@ from kdkernels.kernels.common import (
 
 @triton.jit
 def _grad_block(z_in, t_in, offs, V, dz_row, scale2, max_z, log_sz, max_t, log_st, mass_p, r_plus_q, r_h, r_t, s_ab,
-                q_g, scale_kd, scale_ce, target, max_c, log_sc, todi_beta, w_x, w_y, DIVERGENCE: tl.constexpr,
-                HAS_CE: tl.constexpr, CE_SHARES_Z: tl.constexpr):
+                q_g, scale_kd, scale_ce, target, max_c, log_sc, todi_beta, w_x, w_y, LABEL: tl.constexpr,
+                DIVERGENCE: tl.constexpr, HAS_CE: tl.constexpr, CE_SHARES_Z: tl.constexpr):
     """Write the gradient of one block of a row (``grad_kernel``'s loop body): ``z_in``, ``t_in`` the loaded block,
     ``offs`` its indices; the scalars are the row's statistics and scales (unused ones are ignored)."""
     MIXTURE: tl.constexpr = (DIVERGENCE == SFKL) or (DIVERGENCE == SRKL) or (DIVERGENCE == JSD)
@@ -106,7 +106,10 @@ def _grad_block(z_in, t_in, offs, V, dz_row, scale2, max_z, log_sz, max_t, log_s
             soft = q
         else:
             soft = tl.exp2(log2_probs(z, max_c, log_sc, LOG2E))
-        grad += scale_ce * (soft - tl.where(offs == target, 1.0, 0.0))
+        grad += scale_ce * soft
+    if LABEL:  # only the label's entry, with its one-hot term
+        grad -= scale_ce
+        inb = inb & (offs == target)
     tl.store(dz_row + offs, grad.to(dz_row.dtype.element_ty), mask=inb)
 
 
@@ -176,10 +179,16 @@ def grad_kernel(
         offs = start + lanes
         _grad_block(tl.load(z_row + offs), tl.load(t_row + offs), offs, V, dz_row, scale2, max_z, log_sz, max_t,
                     log_st, mass_p, r_plus_q, r_h, r_t, s_ab, q_g, scale_kd, scale_ce, target, max_c, log_sc, todi_beta,
-                    w_x, w_y, DIVERGENCE, HAS_CE, CE_SHARES_Z)
+                    w_x, w_y, False, DIVERGENCE, HAS_CE, CE_SHARES_Z)
     offs = full + lanes  # the partial block (ignored rows: the first block, zeros)
     _grad_block(load_block(z_row, offs, offs < limit), load_block(t_row, offs, offs < limit), offs, V, dz_row, scale2,
                 max_z, log_sz, max_t, log_st, mass_p, r_plus_q, r_h, r_t, s_ab, q_g, scale_kd, scale_ce, target, max_c,
-                log_sc, todi_beta, w_x, w_y, DIVERGENCE, HAS_CE, CE_SHARES_Z)
+                log_sc, todi_beta, w_x, w_y, False, DIVERGENCE, HAS_CE, CE_SHARES_Z)
+    if HAS_CE:  # the label's entry again, with the CE term's one-hot part (no compare an entry in the loops)
+        tl.debug_barrier()  # after every thread's first store of it
+        offs = tl.maximum(target, 0) // BLOCK_V * BLOCK_V + lanes
+        _grad_block(load_block(z_row, offs, offs < limit), load_block(t_row, offs, offs < limit), offs, V, dz_row,
+                    scale2, max_z, log_sz, max_t, log_st, mass_p, r_plus_q, r_h, r_t, s_ab, q_g, scale_kd, scale_ce,
+                    target, max_c, log_sc, todi_beta, w_x, w_y, True, DIVERGENCE, HAS_CE, CE_SHARES_Z)
     for start in range(BLOCK_V, tl.where(keep, 0, V), BLOCK_V):  # ignored rows: zeros past the first block
         tl.store(dz_row + start + lanes, tl.zeros([BLOCK_V], dz_row.dtype.element_ty), mask=start + lanes < V)

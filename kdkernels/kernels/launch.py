@@ -36,7 +36,7 @@ SMALL_BLOCKS = {"stats_kernel": ("akl",), "finish_kernel": ("akl",), "grad_kerne
 # (SPEC §6), with no register held for them.
 STAGES = 4
 UNROLL = {"stats_kernel": 4, "finish_kernel": 2, "grad_kernel": 2, "akl_refine_kernel": 2}
-FEWER = {("stats_kernel", "akl"): 2, **{("finish_kernel", d): 1 for d in ("akl", "sfkl", "srkl", "jsd")},
+FEWER = {("stats_kernel", "akl"): 2, **{("finish_kernel", d): 1 for d in ("akl", "todi", "sfkl", "srkl", "jsd")},
          **{("grad_kernel", d): 1 for d in ("todi", "sfkl", "srkl", "jsd")}}
 STREAM_WARPS = 8
 # Register cap of the streaming kernels: 2 resident blocks of 8 warps per SM; without one ptxas aims some variants
