@@ -47,6 +47,7 @@ from kdkernels.kernels.common import (
     LOGS_Z,
     MAX_T,
     MAX_Z,
+    MIN_NORMAL,
     NUM_STATS,
     R_HEAD,
     R_TAIL,
@@ -168,7 +169,7 @@ def akl_refine_kernel(
         cross = (akl_alpha - below) / (mass_hi - below)
         near = tl.minimum(tl.maximum(cross, 0.0), 1.0) + (2 * part_of.to(tl.float32) - 3) / 32
         spaced = v_lo + (v_top - v_lo) * tl.where(mass_hi > below, near, part_of.to(tl.float32) / KEY_WAYS)
-        spaced = tl.where(tl.abs(spaced) < 1.1754944e-38, 0.0, spaced)  # subnormals to 0: keys stay in order
+        spaced = tl.where(tl.abs(spaced) < MIN_NORMAL, 0.0, spaced)  # subnormals to 0: keys stay in order
         spaced = order_key(spaced.to(dtype), KEY_BITS).to(tl.int64)
         by_value = tl.where(v_top - v_lo < float("inf"), tl.minimum(tl.maximum(spaced, k_lo), k_hi), k_lo)
         splits = tl.sort(tl.where(ways % 2 == 0, by_key, by_value))

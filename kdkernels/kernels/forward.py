@@ -271,7 +271,7 @@ def stats_kernel(
 @triton.jit
 def _finish_block(z_in, t_in, offs, limit, state, max_z, log_sz, max_t, log_st, scale2, todi_beta, w_x, w_y, v_lo,
                   v_hi, listing, cut, akl_row, list_row, PARTIAL: tl.constexpr, DIVERGENCE: tl.constexpr,
-                  KEY_BITS: tl.constexpr, CAPACITY: tl.constexpr, BLOCK_V: tl.constexpr):
+                  CAPACITY: tl.constexpr, BLOCK_V: tl.constexpr):
     """``finish_kernel``'s loop body: add one loaded block (indices ``offs``; ``PARTIAL``: it may reach past the
     row's end) to the per-lane sums, returned."""
     s_a, s_b, acc, acc_g, g_tail, g_head, mass_below, f_sum, r_sum, p_sum, q_sum, held_slot = state
@@ -409,11 +409,11 @@ def finish_kernel(
         offs = start + lanes
         state = _finish_block(tl.load(z_row + offs), tl.load(t_row + offs), offs, limit, state, max_z, log_sz, max_t,
                               log_st, scale2, todi_beta, w_x, w_y, v_lo, v_hi, listing, cut, akl_row, list_row,
-                              False, DIVERGENCE, KEY_BITS, CAPACITY, BLOCK_V)
+                              False, DIVERGENCE, CAPACITY, BLOCK_V)
     offs = full + lanes
     state = _finish_block(load_block(z_row, offs, offs < limit), load_block(t_row, offs, offs < limit), offs, limit,
                           state, max_z, log_sz, max_t, log_st, scale2, todi_beta, w_x, w_y, v_lo, v_hi, listing, cut,
-                          akl_row, list_row, True, DIVERGENCE, KEY_BITS, CAPACITY, BLOCK_V)
+                          akl_row, list_row, True, DIVERGENCE, CAPACITY, BLOCK_V)
     s_a, s_b, acc, acc_g, g_tail, g_head, mass_below, f_sum, r_sum, p_sum, q_sum, held_slot = state
     if DIVERGENCE == TODI:
         tl.store(stats_row + TODI_S, tl.sum(s_a, axis=0) - tl.sum(s_b, axis=0))
