@@ -9,8 +9,9 @@ compiled once. The vocabulary loop of a kernel is the innermost SASS loop that l
 **Ideal bound** (the model of issues 9 and 11). Per element of a row, from the loop:
 
 - ``instr/elem`` = loop instructions x warps / E, ``mufu/elem`` = MUFU instructions x warps x 32 / E, where E, the
-  elements one loop iteration covers, is ``BLOCK_V`` times the loop's unrolling (bytes its global loads fetch over
-  ``BLOCK_V`` x the streamed read bytes per element: 1 unless ptxas unrolls or a program covers several rows);
+  elements one loop iteration covers, is ``BLOCK_V`` times the blocks it loads (bytes its global loads fetch over
+  ``BLOCK_V`` x the streamed read bytes per element: the loop's unrolling, times ``BATCH`` for the stats pass's
+  tiles of ``BATCH`` entries a lane);
 - ``bytes/elem``: what the pass streams (``z``, ``t`` reads; the gradient write), from the launch's tensors.
 
 A kernel's time is the largest of memory (bytes / bandwidth), issue (instructions / (SMs x 4 per clock)) and MUFU

@@ -135,20 +135,6 @@ def test_resident_blocks():
     assert resident_blocks(16, 1, 0) == 32
 
 
-# Issue 18's targets the kernels do not meet yet, as `python -m bench.roofline` reports them on Triton 3.6 (keys of
-# TARGETS; the 800/600 ns rule): issue 18 stays open until both are empty. The test fails on any other miss, and on an
-# entry here whose target is met (take it out: the sets stay exact). Every pass keeps the memory busy (the loops are
-# pipelined by Triton); what remains is issue-bound in the ideal bound too, on the H200 with the CE term at T = 2:
-# fkl's and rkl's first pass, which then sums a second softmax of z (~1.2 warp-instructions an entry, where a bf16
-# pass over z and t may issue 0.87 on an H200), and srkl's finish and gradient passes, which each evaluate the mixture.
-KNOWN_MISSES = {  # (card, divergence, teacher, dtypes, CE term): the estimate at 600 ns over its target
-    ('H200', 'fkl', 'peaked', 'bf16', True),
-    ('H200', 'rkl', 'peaked', 'bf16', True),
-    ('H200', 'srkl', 'peaked', 'bf16', True),
-}
-KNOWN_SLOW: set = set()  # the estimate at 800 ns more than LATENCY_SLACK times the one at 600 ns
-
-
 @pytest.mark.full
 def test_every_variant_meets_its_target():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -185,12 +171,8 @@ def test_every_variant_meets_its_target():
         key: (round(got[key]["600"], 2), round(goal, 3)) for key, goal in TARGETS.items() if got[key]["600"] > goal
     }
     slow = {key: round(x["800"] / x["600"], 3) for key, x in got.items() if x["800"] > LATENCY_SLACK * x["600"]}
-    new_misses = {key: v for key, v in missed.items() if key not in KNOWN_MISSES}
-    new_slow = {key: v for key, v in slow.items() if key not in KNOWN_SLOW}
-    met = (KNOWN_MISSES - set(missed)) | (KNOWN_SLOW - set(slow))
-    assert not (spills or passes or new_misses or new_slow or met), (
+    assert not (spills or passes or missed or slow), (
         f"spills (local bytes): {spills}; baselines not three memory-bound passes: {passes}; "
-        f"misses (estimate at 600 ns, target): {new_misses}; 800 ns / 600 ns above {LATENCY_SLACK}: {new_slow}; "
-        f"known misses now met (remove them): {met}"
+        f"misses (estimate at 600 ns, target): {missed}; 800 ns / 600 ns above {LATENCY_SLACK}: {slow}"
     )
-    assert out.returncode == (1 if missed or slow else 0)
+    assert out.returncode == 0

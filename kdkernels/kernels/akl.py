@@ -7,7 +7,7 @@ are ranges of keys; the streaming passes compare an entry's value with bounds th
 (``common.key_bound``), exactly alike in every pass.
 
 1. ``stats_kernel`` (``forward.py``) keeps per lane, for ``HINT_BINS`` thresholds ``v_k = (A - k) W`` fixed by
-   the first block's maximum (``A = floor(max / W)``, ``W`` logits, rounded to the teacher's dtype), the mass
+   the first tile's maximum (``A = floor(max / W)``, ``W`` logits, rounded to the teacher's dtype), the mass
    below each relative to ``exp(v_0 / T)`` (at most 1, so no rescaling) and the count of entries at or above
    each; :func:`hint_bracket` turns them into the bracket ``[LO, HI)`` where the mass below crosses ``alpha``,
    with its exact number of entries.

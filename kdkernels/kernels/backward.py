@@ -53,8 +53,8 @@ from kdkernels.kernels.common import (
 
 @triton.jit
 def _grad_block(z_in, t_in, offs, V, dz_row, scale2, max_z, log_sz, max_t, log_st, mass_p, r_plus_q, r_h, r_t, s_ab,
-                q_g, scale_kd, scale_ce, target, max_c, log_sc, todi_beta, w_x, w_y, LABEL: tl.constexpr,
-                DIVERGENCE: tl.constexpr, HAS_CE: tl.constexpr, CE_SHARES_Z: tl.constexpr):
+                q_g, scale_kd, scale_ce, target, max_c, log_sc, ce_ratio, todi_beta, w_x, w_y, LABEL: tl.constexpr,
+                DIVERGENCE: tl.constexpr, HAS_CE: tl.constexpr, CE_SHARES_Z: tl.constexpr, CE_SQUARE: tl.constexpr):
     """Write the gradient of one block of a row (``grad_kernel``'s loop body): ``z_in``, ``t_in`` the loaded block,
     ``offs`` its indices; the scalars are the row's statistics and scales (unused ones are ignored)."""
     MIXTURE: tl.constexpr = (DIVERGENCE == SFKL) or (DIVERGENCE == SRKL) or (DIVERGENCE == JSD)
@@ -101,7 +101,9 @@ def _grad_block(z_in, t_in, offs, V, dz_row, scale2, max_z, log_sz, max_t, log_s
             qg = 0.5 * tl.where(gap > 0.0, q, tl.where(gap < 0.0, -q, gap))  # gap: 0, or NaN
         g_div = tl.where(live, qg, 0.0) - q * q_g
     grad = scale_kd * g_div
-    if HAS_CE:
+    if CE_SQUARE:  # T = 2: scale_ce softmax(z) is q^2 times a row constant
+        grad += q * (q * ce_ratio)
+    elif HAS_CE:
         if CE_SHARES_Z:
             soft = q
         else:
@@ -119,12 +121,13 @@ def grad_kernel(
     V, stride_z, stride_t, stride_dz, inv_t, ignore_index, kd_weight, ce_weight, todi_beta,
     w_x, w_y,
     DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, CE_SHARES_Z: tl.constexpr,
-    BLOCK_V: tl.constexpr, STAGES: tl.constexpr,
+    CE_SQUARE: tl.constexpr, BLOCK_V: tl.constexpr, STAGES: tl.constexpr,
     UNROLL: tl.constexpr,
 ):
     """dz: (N, V) in the student's dtype at ``stride_dz``; grad_rows: (N,) float32.
 
-    ``CE_SHARES_Z``: T == 1, so ``softmax(z)`` is ``q``. ``w_x, w_y``: the mixture weights of
+    ``CE_SHARES_Z``: T == 1, so ``softmax(z)`` is ``q``; ``CE_SQUARE``: T == 2 with the CE term, so ``softmax(z)``
+    is ``q^2 exp(MAX_Z - MAX_CE + 2 LOGS_Z - LOGS_CE)``, no ``exp2`` an entry. ``w_x, w_y``: the mixture weights of
     ``forward.finish_kernel`` (sfkl, srkl, jsd). ``STAGES``: the loop's pipeline depth
     (``common.whole_blocks``).
     """
@@ -141,6 +144,7 @@ def grad_kernel(
     scale_ce = 0.0
     max_c = 0.0
     log_sc = 0.0
+    ce_ratio = 0.0
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * stride_z
     t_row = t_ptr + row * stride_t
@@ -173,22 +177,24 @@ def grad_kernel(
         scale_ce = tl.where(keep, tl.where(valid, g * ce_weight, float("nan")), 0.0)
         max_c = tl.load(stats_row + MAX_CE)
         log_sc = tl.load(stats_row + LOGS_CE)
+        ce_ratio = scale_ce * tl.exp((max_z - max_c) + (2.0 * log_sz - log_sc))
     lanes = tl.arange(0, BLOCK_V)
     full = whole_blocks(limit, BLOCK_V)
     for start in tl.range(0, full, BLOCK_V, num_stages=STAGES, loop_unroll_factor=UNROLL):
         offs = start + lanes
         _grad_block(tl.load(z_row + offs), tl.load(t_row + offs), offs, V, dz_row, scale2, max_z, log_sz, max_t,
-                    log_st, mass_p, r_plus_q, r_h, r_t, s_ab, q_g, scale_kd, scale_ce, target, max_c, log_sc, todi_beta,
-                    w_x, w_y, False, DIVERGENCE, HAS_CE, CE_SHARES_Z)
+                    log_st, mass_p, r_plus_q, r_h, r_t, s_ab, q_g, scale_kd, scale_ce, target, max_c, log_sc, ce_ratio,
+                    todi_beta, w_x, w_y, False, DIVERGENCE, HAS_CE, CE_SHARES_Z, CE_SQUARE)
     offs = full + lanes  # the partial block (ignored rows: the first block, zeros)
     _grad_block(load_block(z_row, offs, offs < limit), load_block(t_row, offs, offs < limit), offs, V, dz_row, scale2,
                 max_z, log_sz, max_t, log_st, mass_p, r_plus_q, r_h, r_t, s_ab, q_g, scale_kd, scale_ce, target, max_c,
-                log_sc, todi_beta, w_x, w_y, False, DIVERGENCE, HAS_CE, CE_SHARES_Z)
+                log_sc, ce_ratio, todi_beta, w_x, w_y, False, DIVERGENCE, HAS_CE, CE_SHARES_Z, CE_SQUARE)
     if HAS_CE:  # the label's entry again, with the CE term's one-hot part (no compare an entry in the loops)
         tl.debug_barrier()  # after every thread's first store of it
         offs = tl.maximum(target, 0) // BLOCK_V * BLOCK_V + lanes
         _grad_block(load_block(z_row, offs, offs < limit), load_block(t_row, offs, offs < limit), offs, V, dz_row,
                     scale2, max_z, log_sz, max_t, log_st, mass_p, r_plus_q, r_h, r_t, s_ab, q_g, scale_kd, scale_ce,
-                    target, max_c, log_sc, todi_beta, w_x, w_y, True, DIVERGENCE, HAS_CE, CE_SHARES_Z)
+                    target, max_c, log_sc, ce_ratio, todi_beta, w_x, w_y, True, DIVERGENCE, HAS_CE, CE_SHARES_Z,
+                    CE_SQUARE)
     for start in range(BLOCK_V, tl.where(keep, 0, V), BLOCK_V):  # ignored rows: zeros past the first block
         tl.store(dz_row + start + lanes, tl.zeros([BLOCK_V], dz_row.dtype.element_ty), mask=start + lanes < V)

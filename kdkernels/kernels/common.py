@@ -94,24 +94,24 @@ def load_block(row_ptr, offs, inb):
 
 
 @triton.jit
-def lane_update(m, s, x, scale2):
-    """Add one entry ``x`` per lane to running per-lane maxima ``m`` and sums ``s = sum 2^((x_j - m) k)``
-    (``k = scale2``), with one ``exp2``: returns ``m' = max(m, x)``, ``s'``, ``up = x > m``,
-    ``d = -|x - m| k`` (``(min(m, x) - m') k``, <= 0) and ``e = 2^d``. When ``x`` is the new maximum,
-    ``s' = s e + 1`` (the old terms rescaled); otherwise ``s' = s + e`` (``d`` is the new entry's centred log2
-    weight). A -inf entry adds 0; a NaN entry
-    leaves ``m`` and makes ``s`` NaN; a +inf one becomes the maximum, and :func:`lane_total` turns it into NaN.
-    No block-wide reduction: the lanes are combined once per row."""
-    up = x > m
-    hi = tl.where(up, x, m)
-    d = tl.abs(x - m) * -scale2
-    e = tl.exp2(d)
-    return hi, tl.where(up, s * e + 1.0, s + e), up, d, e
+def lane_batch(m, s, x, scale2):
+    """Add ``R`` entries per lane (``x``: ``(L, R)``) to running per-lane maxima ``m`` and sums
+    ``s = sum 2^((x_j - m) k)`` (``(L,)``, ``k = scale2``). Returns ``m' = max(m, max_r x)``,
+    ``s' = s 2^shift + sum_r 2^c``, ``shift = (m - m') k`` (<= 0; clamped at ``FLOOR``, as when a lane's first
+    finite entry follows its start or a ``finfo.min``) and the entries' centred log2 weights ``c = (x - m') k``
+    with ``2^c``: one ``exp2`` an entry plus one a lane and ``R`` entries, and no block-wide reduction (the lanes are
+    combined once per row, :func:`lane_total`). A -inf entry adds 0; a NaN or +inf entry makes ``s`` NaN
+    (``c`` is NaN), so does :func:`lane_total`."""
+    hi = tl.maximum(m, tl.max(x, axis=1))
+    shift = tl.maximum((m - hi) * scale2, FLOOR)
+    c = (x - hi[:, None]) * scale2
+    e = tl.exp2(c)
+    return hi, s * tl.exp2(shift) + tl.sum(e, axis=1), shift, c, e
 
 
 @triton.jit
 def lane_total(m, s, scale2):
-    """Combine per-lane running maxima and sums (:func:`lane_update`) into the row's: ``(M, S)`` with
+    """Combine per-lane running maxima and sums (:func:`lane_batch`) into the row's: ``(M, S)`` with
     ``M = max m`` (``FLOOR`` for a row without a finite entry) and ``S = sum_lanes s 2^((m - M) k)``."""
     row_max = tl.max(m, axis=0)
     return row_max, tl.sum(s * tl.exp2((m - row_max) * scale2), axis=0)

@@ -61,8 +61,8 @@ from kdkernels.kernels.common import (
     TODI_S,
     TVD,
     key_bound,
+    lane_batch,
     lane_total,
-    lane_update,
     load_block,
     load_key,
     log2_probs,
@@ -81,55 +81,54 @@ from kdkernels.kernels.common import (
 
 @triton.jit
 def _stats_block(z_in, t_in, offs, limit, state, scale2, ce_scale, thr_v, thr_top, PARTIAL: tl.constexpr,
-                 DIVERGENCE: tl.constexpr, OWN_CE: tl.constexpr):
-    """``stats_kernel``'s loop body: add one loaded block (indices ``offs``; ``PARTIAL``: it may reach past the row's
-    end) to the per-lane state, returned."""
+                 DIVERGENCE: tl.constexpr, OWN_CE: tl.constexpr, CE_SQUARE: tl.constexpr):
+    """``stats_kernel``'s loop body: add one loaded tile (``(L, R)``: ``R`` entries for each of the ``L`` lanes, at
+    indices ``offs``; ``PARTIAL``: it may reach past the row's end) to the per-lane state, returned."""
     m_z, m_t, s_z, s_t, s_c, a_f, p_s, a_r, q_s, lt_mass, at_least, min_t = state
     NEED_F: tl.constexpr = DIVERGENCE == FKL
     NEED_R: tl.constexpr = DIVERGENCE == RKL
     z = z_in.to(tl.float32)
     t = t_in.to(tl.float32)
-    mz_new, s_z, up_z, d_z, e_z = lane_update(m_z, s_z, z, scale2)
-    mt_new, s_t, up_t, d_t, e_t = lane_update(m_t, s_t, t, scale2)
+    mz_new, s_z, shift_z, c_z, e_z = lane_batch(m_z, s_z, z, scale2)
+    mt_new, s_t, shift_t, c_t, e_t = lane_batch(m_t, s_t, t, scale2)
     if NEED_F or NEED_R:
         live = (z != float("-inf")) & (t != float("-inf"))
-        # the entry's c_t - c_z at the new maxima (c: log2 weights centred on the lane maxima), and how the old
-        # terms' centred differences move when a maximum grows: by d (clamped: while a lane has no live entry its
-        # d may be infinite, and its old terms are none)
-        c_new = tl.where(live, tl.where(up_t, 0.0, d_t) - tl.where(up_z, 0.0, d_z), 0.0)
-        one = tl.where(live, 1.0, 0.0)
-        moved_t = tl.maximum(d_t, FLOOR)
-        moved_z = tl.maximum(d_z, FLOOR)
+        gap = tl.where(live, c_t - c_z, 0.0)  # log2(p / q) up to the lanes' constants; masked: inf - inf
+        shifted = shift_t - shift_z  # both clamped: finite
     if NEED_F:
-        moved = tl.where(up_t, a_f + p_s * moved_t, a_f)
-        moved = tl.where(up_z, moved - p_s * moved_z, moved)
-        a_f = tl.where(up_t, e_t * moved + c_new, moved + e_t * c_new)
-        p_s = tl.where(up_t, e_t * p_s + one, p_s + e_t * one)
+        # a_f = sum e_t (c_t - c_z) moves to the new maxima as r_t (a_f + p_s (shift_t - shift_z)), r_t = 2^shift_t;
+        # the product r_t p_s first, so that a lane whose old terms vanish (r_t = 0) adds 0, not 0 * inf
+        e_live = tl.where(live, e_t, 0.0)
+        p_old = p_s * tl.exp2(shift_t)
+        a_f = a_f * tl.exp2(shift_t) + p_old * shifted + tl.sum(e_live * gap, axis=1)
+        p_s = p_old + tl.sum(e_live, axis=1)
     if NEED_R:
-        moved = tl.where(up_z, a_r + q_s * moved_z, a_r)
-        moved = tl.where(up_t, moved - q_s * moved_t, moved)
-        a_r = tl.where(up_z, e_z * moved - c_new, moved - e_z * c_new)
-        q_s = tl.where(up_z, e_z * q_s + one, q_s + e_z * one)
-    if OWN_CE:
-        e_c = tl.exp2(d_z * ce_scale)
-        s_c = tl.where(up_z, s_c * e_c + 1.0, s_c + e_c)
+        e_live = tl.where(live, e_z, 0.0)
+        q_old = q_s * tl.exp2(shift_z)
+        a_r = a_r * tl.exp2(shift_z) - q_old * shifted - tl.sum(e_live * gap, axis=1)
+        q_s = q_old + tl.sum(e_live, axis=1)
+    if CE_SQUARE:  # T = 2: the student's weights at T = 1 are the squares of those at T
+        r_z = tl.exp2(shift_z)
+        s_c = s_c * (r_z * r_z) + tl.sum(e_z * e_z, axis=1)
+    elif OWN_CE:
+        s_c = s_c * tl.exp2(shift_z * ce_scale) + tl.sum(tl.exp2(c_z * ce_scale), axis=1)
     if DIVERGENCE == AKL:
-        # one 1-D sum per threshold (a (bins, block) tensor would cost a shared-memory layout change a block);
+        # one 1-D sum per threshold (a (bins, lanes) tensor would cost a shared-memory layout change a tile);
         # below a threshold's bound (``common.key_bound``) is below it by order key
-        e_top = tl.exp2((t - thr_top) * scale2)  # past V: -inf, mass 0
+        # relative to the top threshold, at most 1: entries above it (the first tile may lie far below the
+        # rest) count in no sum, and would otherwise overflow to inf, and inf * 0 is NaN (``only``)
+        e_top = tl.exp2(tl.minimum((t - thr_top) * scale2, 0.0))  # past V: -inf, mass 0
         lt0, lt1, lt2, lt3 = lt_mass
         ge0, ge1, ge2, ge3 = at_least
         v0, v1, v2, v3 = thr_v
-        lt_mass = (lt0 + only(t < v0, e_top), lt1 + only(t < v1, e_top), lt2 + only(t < v2, e_top),
-                   lt3 + only(t < v3, e_top))
-        at_least = (ge0 + tl.where(t < v0, 0.0, 1.0), ge1 + tl.where(t < v1, 0.0, 1.0),
-                    ge2 + tl.where(t < v2, 0.0, 1.0), ge3 + tl.where(t < v3, 0.0, 1.0))
+        lt_mass = (lt0 + tl.sum(only(t < v0, e_top), axis=1), lt1 + tl.sum(only(t < v1, e_top), axis=1),
+                   lt2 + tl.sum(only(t < v2, e_top), axis=1), lt3 + tl.sum(only(t < v3, e_top), axis=1))
+        at_least = (ge0 + tl.sum(tl.where(t < v0, 0.0, 1.0), axis=1), ge1 + tl.sum(tl.where(t < v1, 0.0, 1.0), axis=1),
+                    ge2 + tl.sum(tl.where(t < v2, 0.0, 1.0), axis=1), ge3 + tl.sum(tl.where(t < v3, 0.0, 1.0), axis=1))
         if PARTIAL:
             t = tl.where(offs < limit, t, float("inf"))
-        min_t = tl.minimum(min_t, t)
-    m_z = mz_new
-    m_t = mt_new
-    return (m_z, m_t, s_z, s_t, s_c, a_f, p_s, a_r, q_s, lt_mass, at_least, min_t)
+        min_t = tl.minimum(min_t, tl.min(t, axis=1))
+    return (mz_new, mt_new, s_z, s_t, s_c, a_f, p_s, a_r, q_s, lt_mass, at_least, min_t)
 
 
 @triton.jit
@@ -145,21 +144,22 @@ def stats_kernel(
     z_ptr, t_ptr, labels_ptr, loss_ptr, stats_ptr, akl_ptr,
     V, stride_z, stride_t, inv_t, ignore_index, kd_weight, ce_weight, akl_alpha, hint_width,
     DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, CE_SHARES_Z: tl.constexpr,
-    KEY_BITS: tl.constexpr, HINT_BINS: tl.constexpr, BLOCK_V: tl.constexpr, STAGES: tl.constexpr,
-    UNROLL: tl.constexpr,
+    CE_SQUARE: tl.constexpr, KEY_BITS: tl.constexpr, HINT_BINS: tl.constexpr, BLOCK_V: tl.constexpr,
+    BATCH: tl.constexpr, STAGES: tl.constexpr, UNROLL: tl.constexpr,
 ):
     """First pass: row maxima and log-sums, CE, ``P``, ``F`` (fkl), ``Q``, ``R`` (rkl), AKL's bracket.
 
     z, t: (N, V) rows at ``stride_z``/``stride_t``; labels: (N,) int64 if HAS_LABELS; loss: (N,) float32
     (written for fkl/rkl); stats: (N, NUM_STATS) float32; akl: (N, AKL_COLS) float32 (AKL only).
-    ``CE_SHARES_Z``: T == 1, so the CE term's log-sum-exp is the student's. ``hint_width``: AKL's ``W``
-    (``akl.py``), ``KEY_BITS`` the width of the teacher's order keys. ``STAGES``: the loop's pipeline depth
-    (``common.whole_blocks``).
+    ``CE_SHARES_Z``: T == 1, so the CE term's log-sum-exp is the student's; ``CE_SQUARE``: T == 2, so its weights
+    are the squares of the student's. ``hint_width``: AKL's ``W`` (``akl.py``), ``KEY_BITS`` the width of the
+    teacher's order keys. ``STAGES``: the loop's pipeline depth (``common.whole_blocks``).
 
-    Every lane keeps its own running maxima of ``z`` and ``t`` and the sums centred on them (:func:`lane_update`),
-    so the loop has no block-wide reduction; fkl's ``a_f = sum_m e_t (c_t - c_z)`` (``c`` the centred log2
-    weights, ``e_t = 2^c_t``) moves with both maxima by ``shift = (mt - mt') k - (mz - mz') k``, rkl's ``a_r``
-    alike.
+    The row is read in tiles of ``BLOCK_V`` lanes of ``BATCH`` consecutive entries (``launch.stats_tile``),
+    ``UNROLL`` tiles an iteration. Every lane keeps its own running maxima of ``z`` and ``t`` and the sums centred
+    on them, raised once a tile (:func:`lane_batch`), so the loop has no block-wide reduction; fkl's
+    ``a_f = sum_m e_t (c_t - c_z)`` (``c`` the centred log2 weights, ``e_t = 2^c_t``) moves with both maxima as
+    ``2^shift_t (a_f + p_s (shift_t - shift_z))``, rkl's ``a_r`` alike.
     """
     NEED_F: tl.constexpr = DIVERGENCE == FKL  # AKL sums F and R in its finish pass
     NEED_R: tl.constexpr = DIVERGENCE == RKL
@@ -172,7 +172,6 @@ def stats_kernel(
     limit = tl.where(keep, V, 0)  # ignored rows read nothing
     scale2 = inv_t * LOG2E
     ce_scale = 1.0 / inv_t  # from the student's log2 weights at T to those at 1
-    lanes = tl.arange(0, BLOCK_V)
 
     m_z = tl.full([BLOCK_V], FLOOR, tl.float32)
     m_t = tl.full([BLOCK_V], FLOOR, tl.float32)
@@ -185,7 +184,7 @@ def stats_kernel(
     q_s = tl.zeros([BLOCK_V], tl.float32)  # sum_m e_z
     bins = tl.arange(0, HINT_BINS)
     # AKL: per lane, mass below each threshold (thresholds first: each lane keeps its own) and smallest logit;
-    # the thresholds are fixed by the first block's maximum, their masses relative to the top one (never above 1)
+    # the thresholds are fixed by the first tile's maximum, their masses relative to the top one (never above 1)
     tl.static_assert(HINT_BINS == 4, "the stats pass keeps one sum per threshold: 4 of them")
     lt_mass = (tl.zeros([BLOCK_V], tl.float32), tl.zeros([BLOCK_V], tl.float32), tl.zeros([BLOCK_V], tl.float32),
                tl.zeros([BLOCK_V], tl.float32))
@@ -194,22 +193,28 @@ def stats_kernel(
     thr = tl.zeros([HINT_BINS], tl.float32)
     thr_keys = tl.zeros([HINT_BINS], tl.uint32)
     thr_top = 0.0
+    # a tile: BATCH consecutive entries for each lane, loaded as one vector (Triton's reshape keeps each lane's
+    # entries in its thread when they are no more than one vectorised load holds)
+    tile = tl.arange(0, BLOCK_V * BATCH)
     if DIVERGENCE == AKL:
-        first = load_block(t_row, lanes, lanes < limit).to(tl.float32)
+        first = load_block(t_row, tile, tile < limit).to(tl.float32)
         thr, thr_keys = hint_thresholds(safe_max(tl.max(first, axis=0)), hint_width, bins, t_ptr.dtype.element_ty,
                                         KEY_BITS)
         thr_top = tl.max(thr, axis=0)
     bound = key_bound(thr_keys, t_ptr.dtype.element_ty, KEY_BITS)
     thr_v = (pick(bound, bins, 0), pick(bound, bins, 1), pick(bound, bins, 2), pick(bound, bins, 3))
     state = (m_z, m_t, s_z, s_t, s_c, a_f, p_s, a_r, q_s, lt_mass, at_least, min_t)
-    full = whole_blocks(limit, BLOCK_V)
-    for start in tl.range(0, full, BLOCK_V, num_stages=STAGES, loop_unroll_factor=UNROLL):
-        offs = start + lanes
-        state = _stats_block(tl.load(z_row + offs), tl.load(t_row + offs), offs, limit, state, scale2, ce_scale,
-                             thr_v, thr_top, False, DIVERGENCE, OWN_CE)
-    offs = full + lanes
-    state = _stats_block(load_block(z_row, offs, offs < limit), load_block(t_row, offs, offs < limit), offs, limit,
-                         state, scale2, ce_scale, thr_v, thr_top, True, DIVERGENCE, OWN_CE)
+    full = whole_blocks(limit, BLOCK_V * BATCH)
+    for start in tl.range(0, full, BLOCK_V * BATCH, num_stages=STAGES, loop_unroll_factor=UNROLL):
+        offs = start + tile
+        state = _stats_block(tl.reshape(tl.load(z_row + offs), [BLOCK_V, BATCH]),
+                             tl.reshape(tl.load(t_row + offs), [BLOCK_V, BATCH]), offs, limit, state, scale2,
+                             ce_scale, thr_v, thr_top, False, DIVERGENCE, OWN_CE, CE_SQUARE)
+    offs = full + tile
+    state = _stats_block(tl.reshape(load_block(z_row, offs, offs < limit), [BLOCK_V, BATCH]),
+                         tl.reshape(load_block(t_row, offs, offs < limit), [BLOCK_V, BATCH]),
+                         tl.reshape(offs, [BLOCK_V, BATCH]), limit, state, scale2, ce_scale, thr_v, thr_top, True,
+                         DIVERGENCE, OWN_CE, CE_SQUARE)
     m_z, m_t, s_z, s_t, s_c, a_f, p_s, a_r, q_s, lt_mass, at_least, min_t = state
 
     max_z, sum_z = lane_total(m_z, s_z, scale2)

@@ -35,9 +35,13 @@ SMALL_BLOCKS = {"stats_kernel": ("akl",), "finish_kernel": ("akl",), "grad_kerne
 # blocks of 8 warps, 2 x 3 x 8 KB of bf16 z and t are in flight per SM, above the 22 KB an H200 needs at 600 ns
 # (SPEC §6), with no register held for them.
 STAGES = 4
-UNROLL = {"stats_kernel": 4, "finish_kernel": 2, "grad_kernel": 2, "akl_refine_kernel": 2}
-FEWER = {("stats_kernel", "akl"): 2, **{("finish_kernel", d): 1 for d in ("akl", "todi", "sfkl", "srkl", "jsd")},
+UNROLL = {"finish_kernel": 2, "grad_kernel": 2, "akl_refine_kernel": 2}
+FEWER = {**{("finish_kernel", d): 1 for d in ("akl", "todi", "sfkl", "srkl", "jsd")},
          **{("grad_kernel", d): 1 for d in ("todi", "sfkl", "srkl", "jsd")}}
+# The stats pass (:func:`stats_tile`) takes tiles of STATS_LANES lanes of a few consecutive entries each, the lanes'
+# maxima raised once a tile (``common.lane_batch``), STATS_UNROLL tiles an iteration.
+STATS_LANES = 256
+STATS_UNROLL = 4
 STREAM_WARPS = 8
 # Register cap of the streaming kernels: 2 resident blocks of 8 warps per SM; without one ptxas aims some variants
 # at 3-4 blocks per SM with 64-80 registers and spills a few bytes.
@@ -103,9 +107,8 @@ def _key_bits(teacher: torch.Tensor) -> int:
 
 def pass_block(kernel: str, divergence: str, vocab: int, own_ce: bool = False) -> int:
     """Entries per block of a streaming pass: ``SMALL_BLOCK`` for the passes of ``SMALL_BLOCKS``, else
-    ``STREAM_BLOCK``, halved for a stats pass that also sums the CE term's own log-sum (``own_ce``: T != 1; it then
-    handles twice as many blocks an iteration, see :func:`unroll`), and at most the vocabulary rounded up to a power
-    of 2."""
+    ``STREAM_BLOCK``, halved for a stats pass that also sums the CE term's own log-sum (``own_ce``: T != 1; more
+    state a lane), and at most the vocabulary rounded up to a power of 2."""
     small = divergence in SMALL_BLOCKS[kernel]
     return _block(vocab, SMALL_BLOCK if small else STREAM_BLOCK // 2 if own_ce else STREAM_BLOCK)
 
@@ -117,16 +120,32 @@ def refine_rounds(key_bits: int) -> int:
     return -(-key_bits // bits_per_round)
 
 
-def unroll(kernel: str, divergence: str, vocab: int, *tensors: torch.Tensor, own_ce: bool = False) -> int:
-    """Blocks one iteration of a pass's pipelined loop handles (``loop_unroll_factor``) for 16-aligned rows
-    (vectorised loads) of 16-bit ``z`` and ``t`` (AKL's refinement: ``t``): ``FEWER`` or ``UNROLL``, twice that for
-    the half blocks of a stats pass with its own CE sum (``own_ce``, see :func:`pass_block`); else 1: the other
-    variants spill with more in 128 registers."""
-    aligned = vocab % 16 == 0 and all(t.stride(0) % 16 == 0 for t in tensors)
-    if not aligned or any(t.element_size() != 2 for t in tensors):
+def _aligned(vocab: int, *tensors: torch.Tensor) -> bool:
+    """Rows that start on 16-element boundaries and span a multiple of 16 entries: vectorised loads."""
+    return vocab % 16 == 0 and all(t.stride(0) % 16 == 0 for t in tensors)
+
+
+def unroll(kernel: str, divergence: str, vocab: int, *tensors: torch.Tensor) -> int:
+    """Blocks one iteration of a pass's pipelined loop handles (``loop_unroll_factor``) for aligned rows
+    (:func:`_aligned`) of 16-bit ``z`` and ``t`` (AKL's refinement: ``t``): ``FEWER`` or ``UNROLL``; else 1: the
+    other variants spill with more in 128 registers."""
+    if not _aligned(vocab, *tensors) or any(t.element_size() != 2 for t in tensors):
         return 1
-    blocks = FEWER.get((kernel, divergence), UNROLL[kernel])
-    return blocks * (2 if own_ce and divergence not in SMALL_BLOCKS[kernel] else 1)
+    return FEWER.get((kernel, divergence), UNROLL[kernel])
+
+
+def stats_tile(divergence: str, vocab: int, z: torch.Tensor, t: torch.Tensor,
+               own_ce: bool = False) -> tuple[int, int, int]:
+    """``(BATCH, BLOCK_V, UNROLL)`` of ``stats_kernel``: for aligned rows (:func:`_aligned`), ``BATCH`` consecutive
+    entries a lane, as many as one 16-byte load of the wider dtype holds (8 for 16-bit rows, 4 for float32: the
+    reshape to ``(BLOCK_V, BATCH)`` then keeps a lane's entries in its thread), ``STATS_LANES`` lanes and
+    ``STATS_UNROLL`` tiles an iteration. Vocabularies under ``STREAM_WARPS x 32`` lanes of ``BATCH``, and rows not
+    16-aligned, take 1 entry a lane in :func:`pass_block`'s blocks, one an iteration."""
+    batch = 16 // max(z.element_size(), t.element_size())
+    lanes = _block(-(-vocab // batch), STATS_LANES)
+    if not _aligned(vocab, z, t) or lanes < STREAM_WARPS * 32:
+        return 1, pass_block("stats_kernel", divergence, vocab, own_ce=own_ce), 1
+    return batch, lanes, STATS_UNROLL
 
 
 def mixture_weights(opts: KDOptions) -> tuple[float, float]:
@@ -144,14 +163,15 @@ def _stats_pass(z, t, labels, loss, stats, akl, opts: KDOptions, divergence: str
     temperature, has_ce = opts.temperature, opts.ce_weight != 0.0
     vocab = z.shape[1]
     own_ce = has_ce and temperature != 1.0
-    block = pass_block("stats_kernel", divergence, vocab, own_ce=own_ce)
+    batch, block, tiles = stats_tile(divergence, vocab, z, t, own_ce=own_ce)
     _launch(stats_kernel, (z.shape[0],),
             z, t, loss if labels is None else labels, loss, stats, akl,
             vocab, z.stride(0), t.stride(0), 1.0 / temperature, opts.ignore_index, opts.kd_weight, opts.ce_weight,
             opts.akl_alpha, HINT_NATS * temperature,
             DIVERGENCE=DIVERGENCE_CODES[divergence], HAS_LABELS=labels is not None, HAS_CE=has_ce,
-            CE_SHARES_Z=temperature == 1.0, KEY_BITS=_key_bits(t), HINT_BINS=HINT_BINS,
-            BLOCK_V=block, STAGES=STAGES, UNROLL=unroll("stats_kernel", divergence, vocab, z, t, own_ce=own_ce),
+            CE_SHARES_Z=temperature == 1.0, CE_SQUARE=own_ce and temperature == 2.0, KEY_BITS=_key_bits(t),
+            HINT_BINS=HINT_BINS,
+            BLOCK_V=block, BATCH=batch, STAGES=STAGES, UNROLL=tiles,
             num_warps=STREAM_WARPS, maxnreg=MAX_REGISTERS)
 
 
@@ -257,7 +277,7 @@ def kd_backward(grad_rows: torch.Tensor, z: torch.Tensor, t: torch.Tensor, label
             vocab, z.stride(0), t.stride(0), dz.stride(0), 1.0 / temperature, ignore_index,
             kd_weight, ce_weight, todi_beta, *mixture_weights(opts),
             DIVERGENCE=DIVERGENCE_CODES[divergence], HAS_LABELS=labels is not None, HAS_CE=ce_weight != 0.0,
-            CE_SHARES_Z=temperature == 1.0, BLOCK_V=block,
+            CE_SHARES_Z=temperature == 1.0, CE_SQUARE=ce_weight != 0.0 and temperature == 2.0, BLOCK_V=block,
             STAGES=STAGES, UNROLL=unroll("grad_kernel", divergence, vocab, z, t),
             num_warps=STREAM_WARPS, maxnreg=MAX_REGISTERS)
     return dz
