@@ -148,6 +148,11 @@ def stats_tile(divergence: str, vocab: int, z: torch.Tensor, t: torch.Tensor,
     return batch, lanes, STATS_UNROLL
 
 
+def _ce_square(opts: KDOptions) -> bool:
+    """The CE term at T = 2: its weights are the squares of the student's (``CE_SQUARE``)."""
+    return opts.ce_weight != 0.0 and opts.temperature == 2.0
+
+
 def mixture_weights(opts: KDOptions) -> tuple[float, float]:
     """``(w, 1 - w)``: the mixture weights ``(w_x, w_y)`` of sfkl/srkl (``w = skew_lambda``) and jsd
     (``w = jsd_beta``) for ``finish_kernel`` and ``grad_kernel``; zeros for the other divergences, which ignore them.
@@ -169,7 +174,7 @@ def _stats_pass(z, t, labels, loss, stats, akl, opts: KDOptions, divergence: str
             vocab, z.stride(0), t.stride(0), 1.0 / temperature, opts.ignore_index, opts.kd_weight, opts.ce_weight,
             opts.akl_alpha, HINT_NATS * temperature,
             DIVERGENCE=DIVERGENCE_CODES[divergence], HAS_LABELS=labels is not None, HAS_CE=has_ce,
-            CE_SHARES_Z=temperature == 1.0, CE_SQUARE=own_ce and temperature == 2.0, KEY_BITS=_key_bits(t),
+            CE_SHARES_Z=temperature == 1.0, CE_SQUARE=_ce_square(opts), KEY_BITS=_key_bits(t),
             HINT_BINS=HINT_BINS,
             BLOCK_V=block, BATCH=batch, STAGES=STAGES, UNROLL=tiles,
             num_warps=STREAM_WARPS, maxnreg=MAX_REGISTERS)
@@ -277,7 +282,7 @@ def kd_backward(grad_rows: torch.Tensor, z: torch.Tensor, t: torch.Tensor, label
             vocab, z.stride(0), t.stride(0), dz.stride(0), 1.0 / temperature, ignore_index,
             kd_weight, ce_weight, todi_beta, *mixture_weights(opts),
             DIVERGENCE=DIVERGENCE_CODES[divergence], HAS_LABELS=labels is not None, HAS_CE=ce_weight != 0.0,
-            CE_SHARES_Z=temperature == 1.0, CE_SQUARE=ce_weight != 0.0 and temperature == 2.0, BLOCK_V=block,
+            CE_SHARES_Z=temperature == 1.0, CE_SQUARE=_ce_square(opts), BLOCK_V=block,
             STAGES=STAGES, UNROLL=unroll("grad_kernel", divergence, vocab, z, t),
             num_warps=STREAM_WARPS, maxnreg=MAX_REGISTERS)
     return dz
