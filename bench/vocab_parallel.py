@@ -1,6 +1,6 @@
 """``python -m bench.vocab_parallel``: wall time of the vocabulary-parallel loss on the CPU (torch backend, gloo).
 
-``--world`` processes (default 2) join a gloo group on 127.0.0.1 (a free TCP port), each with
+``--world`` processes (default 2) join a gloo group (rendezvous through a file in a temporary directory), each with
 ``torch.set_num_threads(max(1, os.cpu_count() // world))``. Every rank draws the same float32 ``(N, V)`` logits from
 a fixed seed (student ``2·randn``, teacher ``2·randn``; labels uniform in ``[0, V)`` with every 64th row, at least
 one, set to ``-100``) and keeps its own columns, rank ``r`` its part of ``torch.tensor_split(range(V), world)``.
@@ -29,7 +29,6 @@ import datetime
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -114,11 +113,11 @@ def package_info() -> dict:
                 dirty=None if status is None else bool(status))
 
 
-def _worker(rank: int, world: int, port: int, cfg: dict, out_path: str) -> None:
+def _worker(rank: int, world: int, store: str, cfg: dict, out_path: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(cfg["threads"])
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(hours=2))
     try:
         import kdkernels
@@ -160,15 +159,23 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out_path: str) -> None:
                       f"{row['forward_backward_ms']:10.2f} ms", file=sys.stderr, flush=True)
         if rank == 0:
             Path(out_path).write_text(json.dumps(dict(results=results, kdkernels_file=kdkernels.__file__)))
-        dist.barrier()  # no rank tears gloo down while another still talks to it (an abort at exit otherwise)
+        dist.barrier()  # no rank tears gloo down while another still talks to it
     finally:
         dist.destroy_process_group()
+    leave_rank()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def leave_rank() -> None:
+    """End a spawned rank that has written its results and destroyed its group, without finalising the interpreter.
+
+    Once ``torch._dynamo`` is imported (the functional collectives of kdkernels' vocabulary-parallel path import
+    it), the gloo group and its worker threads outlive ``destroy_process_group`` (torch 2.13). A worker thread that
+    frees its last collective's tensors after the interpreter started finalising waits for the GIL, is ended by
+    Python, and aborts the process ("terminate called without an active exception", SIGABRT; about one run in 20).
+    ``os._exit`` ends the process before finalisation."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -185,7 +192,7 @@ def run(args: argparse.Namespace) -> dict:
           file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="kdkernels-vp-") as tmp:
         out = Path(tmp) / "results.json"
-        mp.spawn(_worker, args=(args.world, _free_port(), cfg, str(out)), nprocs=args.world, join=True)
+        mp.spawn(_worker, args=(args.world, str(Path(tmp) / "store"), cfg, str(out)), nprocs=args.world, join=True)
         worker = json.loads(out.read_text())
     imported = str(Path(worker["kdkernels_file"]).resolve().parent)
     if imported != info["kdkernels_path"]:  # the spawned ranks found another kdkernels than this process

@@ -40,6 +40,7 @@ from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor  # noqa: E402
 
 import kdkernels as kd  # noqa: E402
+from bench.vocab_parallel import leave_rank  # noqa: E402
 from kdkernels.torch_ops.reference import kd_loss_reference  # noqa: E402
 from tests.test_host_sync import ScalarReads  # noqa: E402
 from tests.test_vocab_parallel import DIVERGENCES, LEAD, PARAMS, VOCAB, data, fused_data, spawned  # noqa: E402
@@ -318,6 +319,7 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
     }
     torch.save(results, f"{out}.{rank}")
     dist.destroy_process_group()
+    leave_rank()
 
 
 @pytest.fixture(scope="module", params=[2, *full_only(3)])
@@ -471,6 +473,7 @@ def _mesh_worker(rank: int, world: int, store: str, out: str) -> None:
                                               "mesh dimensions")}
     torch.save(results, f"{out}.{rank}")
     dist.destroy_process_group()
+    leave_rank()
 
 
 @pytest.fixture(scope="module")
@@ -544,6 +547,7 @@ def _compile_worker(rank: int, world: int, store: str, out: str, backend: str) -
                for case in cases}
     torch.save(results, f"{out}.{rank}")
     dist.destroy_process_group()
+    leave_rank()
 
 
 @pytest.fixture(scope="module", params=["aot_eager", *full_only("inductor")])

@@ -24,6 +24,7 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
+from bench.vocab_parallel import leave_rank  # noqa: E402
 from kdkernels.integrations.trainer import KDTrainer  # noqa: E402
 from kdkernels.integrations.transformers import causal_lm_kd_loss, shifted_labels  # noqa: E402
 from tests.utils import rel_err  # noqa: E402
@@ -94,6 +95,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     if rank == 0:
         torch.save(results, os.path.join(out, "params.pt"))
     dist.destroy_process_group()
+    leave_rank()
 
 
 def _free_port() -> int:

@@ -34,6 +34,7 @@ if not dist.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
 import kdkernels as kd  # noqa: E402
+from bench.vocab_parallel import leave_rank  # noqa: E402
 from kdkernels.torch_ops import layout, vocab_parallel  # noqa: E402
 from kdkernels.torch_ops.akl_select import akl_tail_select  # noqa: E402
 from kdkernels.torch_ops.options import loss_options  # noqa: E402
@@ -307,6 +308,7 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
     results["errors"] = _errors(world, rank, group)
     torch.save(results, f"{out}.{rank}")
     dist.destroy_process_group()
+    leave_rank()
 
 
 def spawned(worker, world: int, tmp_path_factory, *args) -> list:
