@@ -8,7 +8,9 @@ Each case compares with the float64 reference on the same (already rounded) inpu
 2. rows filled with ``finfo.min`` (float32 and bfloat16): ordinary finite (uniform) rows, not empty ones;
 3. AKL with ``akl_alpha`` near 1 on wide teachers, where the cut sits at the top token;
 4. labels outside ``[0, V)`` with ``ce_weight > 0``: that row's loss and gradient are NaN (not a finite
-   gradient under a NaN loss), the other rows are untouched.
+   gradient under a NaN loss), the other rows are untouched;
+5. ``finfo.min`` entries in ordinary rows (a vocabulary padded or masked by value), whose scaled distance to the
+   maximum overflows float32: on both sides every divergence is exact, on one side the bounded ones are.
 """
 
 from __future__ import annotations
@@ -23,7 +25,16 @@ from kdkernels.torch_ops import layout
 from kdkernels.torch_ops.op import kd_forward
 from kdkernels.torch_ops.options import KDOptions, op_args
 from kdkernels.torch_ops.reference import akl_weights, log_probs
-from tests.utils import BACKENDS, assert_matches_reference, loss_and_grad
+from tests.utils import (
+    BACKENDS,
+    TOLERANCE,
+    assert_matches_reference,
+    divergence_backend,
+    full_only,
+    loss_and_grad,
+    reference_loss_and_grad,
+    rel_err,
+)
 
 DIVERGENCES = ["fkl", "rkl", "akl", "todi", "sfkl", "srkl", "jsd", "tvd"]
 
@@ -78,6 +89,43 @@ def test_rows_of_finfo_min(backend, divergence, dtype):
     loss, _ = loss_and_grad(lambda s: kd.kd_loss(s, t, divergence, reduction="none", backend=backend), z)
     assert torch.isfinite(loss).all() and (loss[0] > 0) and (loss[1] > 0), loss
     check(backend, z, t, divergence)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0, *full_only(1.0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("divergence, backend", divergence_backend(DIVERGENCES, BACKENDS))
+def test_finfo_min_entries_in_ordinary_rows(backend, divergence, dtype, temperature):
+    """Rows of V = 4112 (the Triton stats pass's whole tiles and a partial one) holding ``finfo.min`` entries next to
+    ordinary ones, where ``(x - max) log2(e) / T`` overflows: at the same entries of both sides (padding, a range
+    inside a tile, all but two entries, a student offset by 1e4) every divergence matches the reference, loss and
+    gradient, with the CE term; on the teacher's side only or the student's only, the bounded divergences do, and
+    an unbounded one either matches or, where the reference is ~1e37 (``q = 0`` under ``p > 0`` or the reverse), is at
+    least 1e30 or +inf: never NaN."""
+    lowest = torch.finfo(dtype).min
+    vocab = 4112
+    z = randn(6, vocab, seed=11, scale=2.0)
+    t = randn(6, vocab, seed=12)
+    z[0, 4100:] = t[0, 4100:] = lowest
+    z[0, 100:300] = t[0, 100:300] = lowest
+    z[1] += 1e4
+    z[1, -12:] = t[1, -12:] = lowest
+    z[2, :] = t[2, :] = lowest
+    z[2, [5, 4000]], t[2, [5, 4000]] = torch.tensor([1.0, 2.0]), torch.tensor([0.5, 3.0])
+    z[3, 10:20] = t[3, 10:20] = lowest
+    t[4, 1000:1500] = lowest
+    z[5, 2000:2600] = lowest
+    z, t = z.to(dtype), t.to(dtype)
+    options = dict(labels=torch.tensor([1, 5, 4000, 3, 7, 9]), temperature=temperature, ce_weight=0.5,
+                   reduction="none")
+    loss, grad = loss_and_grad(lambda s: kd.kd_loss(s, t, divergence, backend=backend, **options), z)
+    ref_loss, ref_grad = reference_loss_and_grad(z, t, divergence, **options)
+    assert not loss.isnan().any(), loss
+    huge = ref_loss.abs() >= 1e30
+    assert not huge[:4].any() and (divergence in ("fkl", "rkl", "akl", "todi") or not huge.any()), ref_loss
+    assert (loss[huge] >= 1e30).all(), loss
+    tol_loss, tol_grad = TOLERANCE[dtype]
+    assert rel_err(loss[~huge], ref_loss[~huge]) <= tol_loss, rel_err(loss[~huge], ref_loss[~huge])
+    assert rel_err(grad[~huge], ref_grad[~huge]) <= tol_grad, rel_err(grad[~huge], ref_grad[~huge])
 
 
 @pytest.mark.parametrize("backend, alpha", [

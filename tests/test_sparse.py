@@ -91,6 +91,26 @@ def test_matches_reference(divergence, tail, k, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+@pytest.mark.parametrize(("divergence", "tail"), [("fkl", "bucket"), ("jsd", "bucket"), ("srkl", "renormalize"),
+                                                  ("tvd", "renormalize")])
+def test_finfo_min_student_entries(divergence, tail, temperature, backend):
+    """Student logits at float32's ``finfo.min`` outside the teacher's K (a padded vocabulary) and, for the bounded
+    divergences, inside it: ``(x - max) / T`` overflows at ``T < 1``, yet they are entries of probability 0, not
+    masked ones (only ``-inf`` masks): loss and gradient match the reference. (Inside K under an unbounded divergence
+    the reference is ~1e37.)"""
+    z, ids, lp, labels = sparse_case(8, seed=3)
+    lowest = torch.finfo(torch.float32).min
+    for row in (0, 2, 5):
+        outside = (torch.arange(VOCAB)[:, None] != ids[row][None, :]).all(1) & (z[row] != float("-inf"))
+        outside[labels[row]] = False  # a label there would make the CE term ~1e38
+        z[row, outside.nonzero()[::3, 0]] = lowest
+    if divergence != "fkl":
+        z[5, ids[5, 2]] = lowest
+    check_against_reference(z, ids, lp, labels, divergence, tail, backend, temperature=temperature, ce_weight=0.5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_reductions(reduction, backend):
     z, ids, lp, labels = sparse_case(8)

@@ -42,6 +42,7 @@ from kdkernels.kernels.common import (
     TODI,
     TODI_S,
     TVD,
+    floored,
     load_block,
     log2_probs,
     mixture,
@@ -65,10 +66,16 @@ def _grad_block(z_in, t_in, offs, V, dz_row, scale2, max_z, log_sz, max_t, log_s
     t = t_in.to(tl.float32)
     lq2 = log2_probs(z, max_z, log_sz, scale2)
     lp2 = log2_probs(t, max_t, log_st, scale2)
+    # the log-probabilities the terms take, floored (``common.floored``); the baselines' gradients take only q's
+    # (their mixture is q's where p's is -inf)
+    if NEED_R or (DIVERGENCE == TODI) or MIXTURE:
+        lq2 = floored(lq2)
+    if NEED_R or (DIVERGENCE == TODI):
+        lp2 = floored(lp2)
     if DIVERGENCE == SRKL:
-        q, p, lxm, lym = mixture(lq2, lp2, w_x, w_y)
+        q, p, lxm, lym = mixture(lq2, lp2, w_x, w_y, 1.0)
     elif MIXTURE:
-        p, q, lxm, lym = mixture(lp2, lq2, w_x, w_y)
+        p, q, lxm, lym = mixture(lp2, lq2, w_x, w_y, 1.0)
     else:
         q = tl.exp2(lq2)
         p = tl.exp2(lp2)

@@ -157,8 +157,22 @@ def safe_log(s):
 
 
 @triton.jit
+def floored(x2):
+    """``max(x2, FLOOR)`` for a log2 weight or probability ``x2`` that enters a product or a difference, NaN kept
+    (``max.NaN``: one instruction).
+
+    A finite logit far below its row's maximum (``finfo.min``, or ``-1e38`` at ``T < 1``) overflows
+    ``(x - max) * log2(e) / T`` to -inf; its probability is 0 either way, but -inf would make its terms NaN
+    (``0 * inf``, ``inf - inf`` where both distributions hold such an entry). At ``FLOOR`` the probability is still
+    0 and every term is finite, so a masked sum may multiply its terms by a mask of 0.0 and 1.0. -inf logits (masked
+    entries) also read ``FLOOR``: their terms are masked by the logits' values."""
+    return tl.maximum(x2, FLOOR, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def log2_probs(x, row_max, log_sum, scale2):
-    """``log2`` of the probabilities of a block: ``(x - max) / T * log2(e) - log s * log2(e)`` (-inf at -inf).
+    """``log2`` of the probabilities of a block: ``(x - max) / T * log2(e) - log s * log2(e)`` (-inf at -inf, and
+    where it overflows: see :func:`floored`).
 
     ``scale2 = log2(e) / T``; ``row_max`` and ``log_sum`` are the row's ``MAX_*`` and ``LOGS_*`` columns.
     """
@@ -199,7 +213,7 @@ def fast_log2(x):
 
 
 @triton.jit
-def mixture(lx2, ly2, w_x, w_y):
+def mixture(lx2, ly2, w_x, w_y, keep):
     """The mixture ``M = w_x X + w_y Y`` (``w_x + w_y = 1``) of two distributions, in log space with no epsilon, from
     ``lx2 = log2 X``, ``ly2 = log2 Y``: returns ``X``, ``Y``, ``lxm = log2(X / M)`` and ``lym = log2(Y / M)``.
 
@@ -212,10 +226,11 @@ def mixture(lx2, ly2, w_x, w_y):
     ``w_x + w_y`` rounds to 1), so ``lxm = log2 1``.
 
     Where one of ``X``, ``Y`` is 0 (a -inf log) it is 0 exactly; where both are, both are 0 and ``lxm``, ``lym`` NaN
-    (callers mask those entries). A NaN makes ``e``, hence ``lxm`` and ``lym``, NaN.
+    (callers floor the logs, :func:`floored`). A NaN makes ``e``, hence ``lxm`` and ``lym``, NaN. ``X`` and ``Y``
+    come out times ``keep`` (1.0, or a pass's mask of 0.0 and 1.0: one multiplication masks both).
     """
     d = ly2 - lx2
-    big = tl.exp2(tl.maximum(lx2, ly2))
+    big = tl.exp2(tl.maximum(lx2, ly2)) * keep
     e = tl.exp2(-tl.abs(d))
     small = big * e
     y_larger = d > 0

@@ -60,6 +60,7 @@ from kdkernels.kernels.common import (
     TODI,
     TODI_S,
     TVD,
+    floored,
     key_bound,
     lane_batch,
     lane_total,
@@ -92,8 +93,11 @@ def _stats_block(z_in, t_in, offs, limit, state, scale2, ce_scale, thr_v, thr_to
     mz_new, s_z, shift_z, c_z, e_z = lane_batch(m_z, s_z, z, scale2)
     mt_new, s_t, shift_t, c_t, e_t = lane_batch(m_t, s_t, t, scale2)
     if NEED_F or NEED_R:
-        live = (z != float("-inf")) & (t != float("-inf"))
-        gap = tl.where(live, c_t - c_z, 0.0)  # log2(p / q) up to the lanes' constants; masked: inf - inf
+        # an entry adds where neither logit is -inf; of the summed side (fkl: t, rkl: z) the weight's e > 0 stands in
+        # for that check, and also drops an entry whose c overflowed to -inf (a finite logit ~finfo.min below the
+        # lane's maximum; its e is 0, its gap would be 0 * inf)
+        live = ((z if NEED_F else t) != float("-inf")) & ((e_t if NEED_F else e_z) > 0.0)
+        gap = tl.where(live, c_t - c_z, 0.0)  # log2(p / q) up to the lanes' constants
         shifted = shift_t - shift_z  # both clamped: finite
     if NEED_F:
         # a_f = sum e_t (c_t - c_z) moves to the new maxima as r_t (a_f + p_s (shift_t - shift_z)), r_t = 2^shift_t;
@@ -233,9 +237,9 @@ def stats_kernel(
         w_t = tl.exp2((m_t - max_t) * scale2)
         w_z = tl.exp2((m_z - max_z) * scale2)
         lane_shift = ((m_t - max_t) - (m_z - max_z)) * scale2
-    if NEED_F:
+    if NEED_F:  # a lane whose weight underflows adds 0 (its shift may be +-inf, from a finfo.min maximum)
         raw = tl.sum(w_t * p_s, axis=0)
-        a_sum = tl.sum(w_t * (a_f + tl.where(p_s == 0, 0.0, p_s * lane_shift)), axis=0)
+        a_sum = tl.sum(tl.where(w_t == 0, 0.0, w_t * (a_f + tl.where(p_s == 0, 0.0, p_s * lane_shift))), axis=0)
         mass_p = tl.where(raw == 0, 0.0, raw / sum_t)  # NaN stays NaN
         fkl = tl.where(raw == 0, 0.0, LN2 * a_sum / sum_t - mass_p * (log_st - log_sz))
         tl.store(stats_row + MASS_P, mass_p)
@@ -243,7 +247,7 @@ def stats_kernel(
         div = fkl
     if NEED_R:
         raw = tl.sum(w_z * q_s, axis=0)
-        a_sum = tl.sum(w_z * (a_r - tl.where(q_s == 0, 0.0, q_s * lane_shift)), axis=0)
+        a_sum = tl.sum(tl.where(w_z == 0, 0.0, w_z * (a_r - tl.where(q_s == 0, 0.0, q_s * lane_shift))), axis=0)
         mass_q = tl.where(raw == 0, 0.0, raw / sum_z)
         rkl = tl.where(raw == 0, 0.0, LN2 * a_sum / sum_z - mass_q * (log_sz - log_st))
         tl.store(stats_row + MASS_Q, mass_q)
@@ -285,42 +289,47 @@ def _finish_block(z_in, t_in, offs, limit, state, max_z, log_sz, max_t, log_st, 
     t = t_in.to(tl.float32)
     lq2 = log2_probs(z, max_z, log_sz, scale2)
     lp2 = log2_probs(t, max_t, log_st, scale2)
+    # the log-probabilities the terms take, floored (``common.floored``): the terms are then finite and summed times
+    # ``keep``; sfkl's take only p's (q's may stay -inf: its mixture is then p's), srkl's only q's; tvd's neither
+    if (DIVERGENCE != TVD) and (DIVERGENCE != SFKL):
+        lq2 = floored(lq2)
+    if (DIVERGENCE != TVD) and (DIVERGENCE != SRKL):
+        lp2 = floored(lp2)
     q = tl.exp2(lq2)
     p = tl.exp2(lp2)
+    if DIVERGENCE != TVD:  # 1.0 where neither logit is -inf (SPEC §1's mask), else 0.0: a masked term costs one
+        keep = tl.where((z != float("-inf")) & (t != float("-inf")), 1.0, 0.0)  # multiply-add
     if DIVERGENCE == TODI:
-        live = (z != float("-inf")) & (t != float("-inf"))
         d2 = lq2 - lp2  # d = log q - log p = d2 ln 2; the loss is summed in log2 units, scaled once per row
         w, c = todi_weights(todi_beta * d2)
         wp = w * p
         cq = c * q
-        s_a += tl.where(live, wp, 0.0)
-        s_b += tl.where(live, cq * (d2 * LN2 + 1.0), 0.0)
-        acc += tl.where(live, (cq - wp) * d2, 0.0)
-    if MIXTURE:
-        live = (z != float("-inf")) & (t != float("-inf"))
+        s_a += wp * keep
+        s_b += cq * (d2 * LN2 + 1.0) * keep
+        acc += (cq - wp) * d2 * keep
+    if MIXTURE:  # p_m, q_m: p and q times keep
         if DIVERGENCE == SRKL:
-            q_m, p_m, lxm, lym = mixture(lq2, lp2, w_x, w_y)
-            acc += tl.where(live, q_m * lxm, 0.0)
-            acc_g += tl.where(live, p_m * tl.exp2(lxm), 0.0)
+            q_m, p_m, lxm, lym = mixture(lq2, lp2, w_x, w_y, keep)
+            acc += q_m * lxm
+            acc_g += p_m * tl.exp2(lxm)
         else:
-            p_m, q_m, lxm, lym = mixture(lp2, lq2, w_x, w_y)
-            acc += tl.where(live, p_m * lxm, 0.0)
+            p_m, q_m, lxm, lym = mixture(lp2, lq2, w_x, w_y, keep)
+            acc += p_m * lxm
             if DIVERGENCE == SFKL:
-                acc_g += tl.where(live, q_m * tl.exp2(lxm), 0.0)
+                acc_g += q_m * tl.exp2(lxm)
             else:
-                acc_g += tl.where(live, q_m * lym, 0.0)
+                acc_g += q_m * lym
     if DIVERGENCE == TVD:
         live = (z != float("-inf")) & (t != float("-inf"))
         gap = q - p
         acc += only(live, tl.abs(gap))
         acc_g += only(live, tl.where(gap > 0.0, q, tl.where(gap < 0.0, -q, gap)))  # gap: 0, or NaN
     if DIVERGENCE == AKL:
-        live = (z != float("-inf")) & (t != float("-inf"))
         d2 = lq2 - lp2
-        f_sum += tl.where(live, p * d2, 0.0)
-        r_sum += tl.where(live, q * d2, 0.0)
-        p_sum += only(live, p)
-        q_sum += only(live, q)
+        f_sum += p * d2 * keep
+        r_sum += q * d2 * keep
+        p_sum += p * keep
+        q_sum += q * keep
         gap = tl.abs(p - q)  # 0 past V (both -inf)
         # t's order key against the bracket's, as values (``common.key_bound``): no key to compute
         low = t < v_lo

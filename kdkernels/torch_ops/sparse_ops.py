@@ -59,7 +59,7 @@ from kdkernels.torch_ops.op import SECOND_DERIVATIVE, _backend_module
 from kdkernels.torch_ops.options import KDOptions, from_op, op_args
 from kdkernels.torch_ops.reference import compute_dtype
 from kdkernels.torch_ops.sparse_reference import invalid_rows, rest_log_prob
-from kdkernels.torch_ops.torch_backend import CHUNK_ELEMENTS, _log_sum, _row_max
+from kdkernels.torch_ops.torch_backend import CHUNK_ELEMENTS, _floored, _log_sum, _row_max
 
 TAILS = ("bucket", "renormalize", "truncate")
 NEG_INF = float("-inf")
@@ -228,7 +228,7 @@ def forward_rows(z, ids, lp, labels, opts: KDOptions, tail: str, backend: str, r
         streamed, z_k, label_logit = shard_stats(z, safe, use, labels, opts, tail == "bucket")
     stats = _row_stats(streamed, z_k, temperature, tail == "bucket")
     keep = torch.ones(n_rows, dtype=torch.bool, device=z.device) if labels is None else labels != opts.ignore_index
-    lq = (z_k - stats[:, S_MAX, None]) / temperature - stats[:, S_LOGS, None]
+    lq = _floored((z_k - stats[:, S_MAX, None]) / temperature, z_k) - stats[:, S_LOGS, None]
     if tail == "bucket" and rest_lp is None:
         # 1 - sum_K p cancels: summed in float64 from the log-probs as given, a (N, K) op, then floored
         rest_lp = rest_log_prob(torch.where(use, lp.to(torch.float64), NEG_INF))

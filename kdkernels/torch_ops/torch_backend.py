@@ -77,10 +77,17 @@ def _row_max(x: torch.Tensor) -> torch.Tensor:
     return torch.where(m == NEG_INF, 0.0, m)
 
 
+def _floored(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``c = (x - m) / T`` with the lowest finite value where a finite ``x`` overflowed it to ``-inf`` (``finfo.min``
+    at ``T < 1``): that entry's probability is 0 either way, but it is not masked (SPEC §1 masks ``-inf`` logits
+    only). ``-inf`` at ``-inf`` logits and NaN stay."""
+    return torch.where(x == NEG_INF, c, c.clamp_min(torch.finfo(c.dtype).min))
+
+
 def _centred(x: torch.Tensor, m: torch.Tensor, temperature: float):
-    """``(c, e, s)`` of a chunk ``x`` ``(rows, V)`` with row maxima ``m`` ``(rows,)``: ``c = (x - m) / T``,
-    ``e = exp(c)`` (0 at ``-inf`` entries) and ``s = sum e`` ``(rows,)``."""
-    c = _scaled(x - m[:, None], temperature)
+    """``(c, e, s)`` of a chunk ``x`` ``(rows, V)`` with row maxima ``m`` ``(rows,)``: ``c = (x - m) / T``
+    (:func:`_floored`), ``e = exp(c)`` (0 at ``-inf`` entries) and ``s = sum e`` ``(rows,)``."""
+    c = _floored(_scaled(x - m[:, None], temperature), x)
     e = c.exp()
     return c, e, e.sum(-1)
 
@@ -91,8 +98,9 @@ def _log_sum(s: torch.Tensor) -> torch.Tensor:
 
 
 def _log_probs(x: torch.Tensor, m: torch.Tensor, log_sum: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Log-probabilities ``(x - m) / T - log s`` ``(rows, V)`` from the stored ``m`` and ``log s`` ``(rows,)``."""
-    return _scaled(x - m[:, None], temperature) - log_sum[:, None]
+    """Log-probabilities ``(x - m) / T - log s`` ``(rows, V)`` from the stored ``m`` and ``log s`` ``(rows,)``
+    (:func:`_floored`)."""
+    return _floored(_scaled(x - m[:, None], temperature), x) - log_sum[:, None]
 
 
 def _sigmoids(d: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
